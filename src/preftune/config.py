@@ -1,0 +1,460 @@
+"""Typed run configuration.
+
+Keys are flat in YAML (``beta: 0.1``, ``lora_r: 16``) and named like TRL's DPOConfig
+wherever TRL has one. Internally they are grouped in small dataclasses, one per concern.
+LLaMA-Factory DPO YAML is accepted as is: its keys are translated by ``LLAMAFACTORY_ALIASES``.
+Unknown keys are errors that suggest the closest known key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from preftune.errors import PreftuneError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def doc(text: str, default: Any = MISSING, default_factory: Any = MISSING):
+    """A dataclass field carrying its documentation (shown by ``preftune train --help``)."""
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str = doc(
+        "Local model directory or hub id; 'smollm2-135m-instruct' is the offline default.", DEFAULT_MODEL
+    )
+    ref_model_name_or_path: str | None = doc(
+        "Reference model for full fine-tuning (default: a frozen copy of the starting policy).", None
+    )
+    dtype: str = doc("Weight dtype: auto (float32 on CPU), float32, bfloat16 or float16.", "auto")
+    trust_remote_code: bool = doc("Allow custom modelling code from the model directory.", False)
+    finetuning_type: str = doc("lora (adapter on a frozen base) or full.", "lora")
+    lora_r: int = doc("LoRA rank.", 16)
+    lora_alpha: int = doc("LoRA scaling numerator (scale = lora_alpha / lora_r).", 32)
+    lora_dropout: float = doc("Dropout on the LoRA branch.", 0.0)
+    lora_target: str | list[str] = doc(
+        "'all' (every linear layer except the LM head) or a list of module names.", "all"
+    )
+    template: str | None = doc(
+        "Chat template override: chatml, qwen or none; default: the tokenizer's own template.", None
+    )
+    gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", False)
+
+
+@dataclass
+class DataConfig:
+    train_file: str | None = doc("Preference pairs: .json, .jsonl, .csv, .parquet or a save_to_disk directory.", None)
+    eval_file: str | None = doc("Held-out pairs for evaluation, same formats as train_file.", None)
+    eval_split: float = doc("Fraction of train_file held out for evaluation when eval_file is not set.", 0.0)
+    dataset: str | None = doc("LLaMA-Factory dataset name(s) in dataset_dir/dataset_info.json (comma-separated).", None)
+    dataset_dir: str = doc("Directory holding dataset_info.json for `dataset`.", "data")
+    format: str = doc("Data format: auto, standard, conversational, alpaca or sharegpt.", "auto")
+    system_prompt: str | None = doc("System message added to prompts that have none (chat templates only).", None)
+    max_length: int = doc("Maximum tokens of prompt + completion.", 1024)
+    max_prompt_length: int | None = doc("Prompts longer than this are cut from the left first.", None)
+    max_samples: int | None = doc("Use at most this many training pairs (after loading, before splitting).", None)
+
+
+@dataclass
+class LossConfig:
+    loss_type: str | list[str] = doc(
+        "Loss name or list of names: sigmoid, hinge, ipo, robust, bco_pair, sppo_hard, nca_pair, "
+        "apo_zero, apo_down, exo_pair, simpo, orpo, sft. RPO = [sigmoid, sft].",
+        "sigmoid",
+    )
+    loss_weights: list[float] | None = doc("Weight of each loss in loss_type (default 1.0 each).", None)
+    beta: float = doc("Strength of the KL constraint to the reference (temperature of the implicit reward).", 0.1)
+    label_smoothing: float = doc("Assumed fraction of flipped labels (robust, exo_pair).", 0.0)
+    simpo_gamma: float = doc("SimPO target reward margin (in reward units, as TRL's CPOConfig).", 0.5)
+    orpo_alpha: float = doc("ORPO's lambda: weight of the odds-ratio term next to the chosen NLL.", 0.1)
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = doc("Where the run writes its reports, checkpoints and final model.", "outputs/run")
+    overwrite_output_dir: bool = doc("Allow writing into an output_dir that already holds a finished run.", False)
+    learning_rate: float = doc("Peak AdamW learning rate.", 5e-6)
+    weight_decay: float = doc("AdamW weight decay.", 0.0)
+    adam_beta1: float = doc("AdamW beta1.", 0.9)
+    adam_beta2: float = doc("AdamW beta2.", 0.999)
+    adam_epsilon: float = doc("AdamW epsilon.", 1e-8)
+    lr_scheduler_type: str = doc("linear, cosine or constant (after warmup).", "linear")
+    warmup_ratio: float = doc("Fraction of optimizer steps spent warming up (ignored if warmup_steps > 0).", 0.0)
+    warmup_steps: int = doc("Warmup optimizer steps.", 0)
+    per_device_train_batch_size: int = doc("Pairs per micro-batch.", 4)
+    per_device_eval_batch_size: int = doc("Pairs per evaluation batch.", 8)
+    gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", 1)
+    max_grad_norm: float = doc("Clip the global gradient norm to this (0 disables).", 1.0)
+    num_train_epochs: float = doc("Passes over the training pairs (fractions allowed).", 1.0)
+    max_steps: int = doc("Optimizer steps to run; overrides num_train_epochs when > 0.", -1)
+    bf16: bool = doc("bfloat16 autocast with float32 master weights (CPU or GPU).", False)
+    fp16: bool = doc("float16 autocast with float32 master weights and loss scaling (GPU).", False)
+    seed: int = doc("Seed for initialization, data order and dropout: same seed, same metrics.", 42)
+    logging_steps: int = doc("Log metrics every N optimizer steps.", 10)
+    eval_steps: int | None = doc("Evaluate every N optimizer steps (always once at the end when eval data exists).", None)
+    save_steps: int | None = doc("Save a resumable checkpoint every N optimizer steps.", None)
+    save_total_limit: int | None = doc("Keep at most this many checkpoints (oldest removed).", None)
+    resume_from_checkpoint: bool | str | None = doc(
+        "true: continue from the newest checkpoint in output_dir; or a checkpoint path.", None
+    )
+    device: str = doc("auto, cpu, cuda or cuda:N.", "auto")
+    progress: bool = doc("Show a progress bar.", True)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "loss": LossConfig,
+    "training": TrainingConfig,
+}
+
+LOSS_NAMES = (
+    "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair",
+    "apo_zero", "apo_down", "exo_pair", "simpo", "orpo", "sft",
+)  # fmt: skip
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "finetuning_type": ("lora", "full"),
+    "format": ("auto", "standard", "conversational", "alpaca", "sharegpt"),
+    "lr_scheduler_type": ("linear", "cosine", "constant"),
+    "template": ("chatml", "qwen", "none"),
+}
+
+# LLaMA-Factory key -> preftune key (values translated in _translate_llamafactory).
+LLAMAFACTORY_ALIASES = {
+    "pref_beta": "beta",
+    "pref_loss": "loss_type",
+    "cutoff_len": "max_length",
+    "lora_rank": "lora_r",
+    "val_size": "eval_split",
+    "eval_dataset": None,  # handled below
+}
+# Keys of LLaMA-Factory / HF TrainingArguments that carry no meaning here; accepted and ignored.
+IGNORED_KEYS = {
+    "do_train", "do_eval", "overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers",
+    "plot_loss", "report_to", "ddp_timeout", "eval_strategy", "evaluation_strategy", "save_strategy",
+    "logging_strategy", "save_only_model", "flash_attn", "run_name", "logging_dir", "remove_unused_columns",
+}  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    """The whole run: flat keys, grouped by concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def to_flat(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for name in SECTIONS:
+            flat.update(asdict(getattr(self, name)))
+        return flat
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_flat(), sort_keys=False, allow_unicode=True)
+
+    @property
+    def loss_types(self) -> list[str]:
+        lt = self.loss.loss_type
+        return [lt] if isinstance(lt, str) else list(lt)
+
+
+def all_fields() -> dict[str, tuple[str, Any]]:
+    """Flat key -> (section name, dataclass Field)."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            out[f.name] = (section, f)
+    return out
+
+
+def closest(name: str, options) -> str | None:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def _unknown_key(key: str, where: str | None) -> PreftuneError:
+    hint = closest(key, list(all_fields()) + list(LLAMAFACTORY_ALIASES))
+    suggestion = f"; did you mean '{hint}'?" if hint else ""
+    return PreftuneError(f"unknown key '{key}'{suggestion} (see `preftune train --help`)", where)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp, where: str | None) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg, where)
+            except PreftuneError as e:
+                errors.append(e)
+        expected = " or ".join(_type_name(a) for a in args if a is not type(None))
+        raise PreftuneError(f"'{key}' must be {expected}, got {value!r}", where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str) and item_tp is str:
+            # LLaMA-Factory writes lists as comma-separated strings
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (int, float)) and item_tp is float and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise PreftuneError(f"'{key}' must be a list, got {value!r}", where)
+        return [_coerce(key, v, item_tp, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise PreftuneError(f"'{key}' must be true or false, got {value!r}", where)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise PreftuneError(f"'{key}' must be an integer, got {value!r}", where)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 5e-6 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise PreftuneError(f"'{key}' must be a number, got {value!r}", where)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise PreftuneError(f"'{key}' must be a string, got {value!r}", where)
+    return value
+
+
+def _translate_llamafactory(raw: dict[str, Any], where: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    stage = raw.get("stage")
+    if stage is not None and stage != "dpo":
+        raise PreftuneError(f"'stage: {stage}' is not supported; preftune runs stage: dpo", where)
+    pref_ftx = raw.get("pref_ftx")
+    for key, value in raw.items():
+        if key in ("stage", "pref_ftx") or key in IGNORED_KEYS:
+            continue
+        if key == "pref_loss" and value == "kto_pair":
+            raise PreftuneError("pref_loss 'kto_pair' is not supported; use sigmoid, hinge, ipo, orpo or simpo", where)
+        if key == "simpo_gamma" or key not in LLAMAFACTORY_ALIASES:
+            out[key] = value
+        elif key == "eval_dataset":
+            raise PreftuneError("'eval_dataset' is not supported; use eval_file or val_size", where)
+        else:
+            out[LLAMAFACTORY_ALIASES[key]] = value
+    if pref_ftx:
+        # LLaMA-Factory: loss = preference loss + pref_ftx * SFT loss on chosen
+        base = out.get("loss_type", "sigmoid")
+        base = [base] if isinstance(base, str) else list(base)
+        if "sft" not in base:
+            out["loss_type"] = base + ["sft"]
+            out["loss_weights"] = [1.0] * len(base) + [float(pref_ftx)]
+    return out
+
+
+def _validate(cfg: TrainConfig, where: str | None) -> None:
+    flat = cfg.to_flat()
+    for key, options in CHOICES.items():
+        value = flat[key]
+        if value is not None and value not in options:
+            hint = closest(str(value), options)
+            extra = f"; did you mean '{hint}'?" if hint else ""
+            raise PreftuneError(f"'{key}' is '{value}'{extra} (choose from {', '.join(options)})", where)
+    for name in cfg.loss_types:
+        if name not in LOSS_NAMES:
+            hint = closest(name, LOSS_NAMES)
+            extra = f"; did you mean '{hint}'?" if hint else ""
+            raise PreftuneError(f"unknown loss_type '{name}'{extra} (known: {', '.join(LOSS_NAMES)})", where)
+    if not cfg.loss_types:
+        raise PreftuneError("'loss_type' must name at least one loss", where)
+    weights = cfg.loss.loss_weights
+    if weights is not None and len(weights) != len(cfg.loss_types):
+        raise PreftuneError(
+            f"'loss_weights' has {len(weights)} values but loss_type has {len(cfg.loss_types)}", where
+        )
+    positive = ["learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "max_length", "logging_steps", "beta", "lora_r", "lora_alpha"]  # fmt: skip
+    for key in positive:
+        if flat[key] <= 0:
+            raise PreftuneError(f"'{key}' must be > 0, got {flat[key]}", where)
+    for key in ("eval_steps", "save_steps", "save_total_limit", "max_prompt_length", "max_samples"):
+        if flat[key] is not None and flat[key] <= 0:
+            raise PreftuneError(f"'{key}' must be > 0, got {flat[key]}", where)
+    nonneg = ["weight_decay", "warmup_steps", "max_grad_norm", "num_train_epochs", "lora_dropout", "adam_epsilon"]
+    for key in nonneg:
+        if flat[key] < 0:
+            raise PreftuneError(f"'{key}' must be >= 0, got {flat[key]}", where)
+    if not 0.0 <= flat["eval_split"] < 1.0:
+        raise PreftuneError(f"'eval_split' must be in [0, 1), got {flat['eval_split']}", where)
+    if not 0.0 <= flat["warmup_ratio"] < 1.0:
+        raise PreftuneError(f"'warmup_ratio' must be in [0, 1), got {flat['warmup_ratio']}", where)
+    if not 0.0 <= flat["label_smoothing"] < 0.5:
+        raise PreftuneError(f"'label_smoothing' must be in [0, 0.5), got {flat['label_smoothing']}", where)
+    if not (0.0 <= flat["adam_beta1"] < 1.0 and 0.0 <= flat["adam_beta2"] < 1.0):
+        raise PreftuneError("'adam_beta1' and 'adam_beta2' must be in [0, 1)", where)
+    if flat["max_prompt_length"] is not None and flat["max_prompt_length"] >= flat["max_length"]:
+        raise PreftuneError(
+            f"'max_prompt_length' ({flat['max_prompt_length']}) must be smaller than 'max_length' "
+            f"({flat['max_length']}) to leave room for the completions",
+            where,
+        )
+    if flat["bf16"] and flat["fp16"]:
+        raise PreftuneError("set at most one of 'bf16' and 'fp16'", where)
+    if flat["num_train_epochs"] == 0 and flat["max_steps"] <= 0:
+        raise PreftuneError("set 'num_train_epochs' > 0 or 'max_steps' > 0", where)
+    from preftune import losses
+
+    try:
+        params = losses.LossParams(beta=cfg.loss.beta, label_smoothing=cfg.loss.label_smoothing)
+        losses.check_params(cfg.loss_types, cfg.loss.loss_weights, params)
+    except PreftuneError as e:
+        raise PreftuneError(str(e), where) from None
+    if cfg.data.train_file is None and cfg.data.dataset is None:
+        raise PreftuneError("no training data: set 'train_file' (or LLaMA-Factory 'dataset' + 'dataset_dir')", where)
+    if cfg.data.train_file is not None and cfg.data.dataset is not None:
+        raise PreftuneError("set either 'train_file' or 'dataset', not both", where)
+    if cfg.data.eval_file is not None and flat["eval_split"] > 0:
+        raise PreftuneError("set either 'eval_file' or 'eval_split', not both", where)
+
+
+def from_dict(raw: dict[str, Any], where: str | None = None, base_dir: Path | None = None) -> TrainConfig:
+    """Build and validate a config from flat keys (preftune, TRL or LLaMA-Factory names)."""
+    if not isinstance(raw, dict):
+        raise PreftuneError("the config must be a mapping of keys to values", where)
+    raw = _translate_llamafactory(raw, where)
+    known = all_fields()
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in raw.items():
+        if key not in known:
+            raise _unknown_key(key, where)
+        section, f = known[key]
+        sections[section][key] = _coerce(key, value, f.type if not isinstance(f.type, str) else _resolve(f), where)
+    target = sections["model"].get("lora_target")
+    if isinstance(target, str) and target != "all":
+        # LLaMA-Factory writes module lists as "q_proj,v_proj"
+        sections["model"]["lora_target"] = [t.strip() for t in target.split(",") if t.strip()]
+    if base_dir is not None:
+        _resolve_paths(sections, base_dir)
+    cfg = TrainConfig(**{name: SECTIONS[name](**values) for name, values in sections.items()})
+    _validate(cfg, where)
+    return cfg
+
+
+_HINTS_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _resolve(f) -> Any:
+    for cls in SECTIONS.values():
+        hints = _HINTS_CACHE.setdefault(cls, typing.get_type_hints(cls))
+        if f.name in hints:
+            return hints[f.name]
+    raise KeyError(f.name)
+
+
+PATH_KEYS = ("train_file", "eval_file", "dataset_dir")
+
+
+def _resolve_paths(sections: dict[str, dict[str, Any]], base_dir: Path) -> None:
+    """Relative data paths in a YAML file are relative to the file's directory when they exist there."""
+    data = sections["data"]
+    for key in PATH_KEYS:
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            candidate = base_dir / value
+            if not Path(value).exists() and candidate.exists():
+                data[key] = str(candidate)
+    model = sections["model"]
+    for key in ("model_name_or_path", "ref_model_name_or_path"):
+        value = model.get(key)
+        if isinstance(value, str) and (value.startswith("./") or value.startswith("../")):
+            candidate = base_dir / value
+            if not Path(value).exists() and candidate.exists():
+                model[key] = str(candidate)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` from the command line; the value is read as YAML (numbers, lists, booleans)."""
+    if "=" not in item:
+        raise PreftuneError(f"override '{item}' must look like key=value")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise PreftuneError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise PreftuneError("config is not valid UTF-8", str(path)) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise PreftuneError(f"invalid YAML: {problem}", f"{path}{line}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise PreftuneError("the config must be a mapping of keys to values", str(path))
+    return raw
+
+
+def load_config(
+    source: str | Path | dict | TrainConfig, overrides: list[str] | dict[str, Any] | None = None
+) -> TrainConfig:
+    """A config from a YAML path, a flat dict or a TrainConfig, with ``key=value`` overrides applied."""
+    if isinstance(source, TrainConfig):
+        raw, where, base_dir = source.to_flat(), None, None
+    elif isinstance(source, dict):
+        raw, where, base_dir = dict(source), None, None
+    else:
+        raw, where, base_dir = read_yaml(source), str(source), Path(source).resolve().parent
+    if overrides:
+        items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+        for key, value in items:
+            raw[key] = value
+    return from_dict(raw, where, base_dir)
+
+
+def describe_keys() -> str:
+    """Every key with its default and doc, for ``preftune train --help``."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section.upper()} KEYS")
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else None
+            lines.append(f"  {f.name} (default {default!r}): {f.metadata['doc']}")
+    lines.append("LLaMA-Factory keys: " + ", ".join(f"{k} -> {v}" for k, v in LLAMAFACTORY_ALIASES.items() if v))
+    lines.append("  pref_ftx -> adds 'sft' to loss_type with that weight; stage must be dpo.")
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""Loading the policy, its reference and tokenizer; saving the result."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from preftune.config import DEFAULT_MODEL, ModelConfig
+from preftune.errors import PreftuneError
+
+log = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE, "qwen": CHATML_TEMPLATE}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def preftune_home() -> Path:
+    return Path(os.environ.get("PREFTUNE_HOME", Path.home() / ".cache" / "preftune"))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PreftuneError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+def resolve_model_path(name: str) -> str:
+    """The offline default model resolves to a converted copy under $PREFTUNE_HOME."""
+    if name == DEFAULT_MODEL:
+        from preftune.smollm2 import ensure_default_model
+
+        return str(ensure_default_model())
+    path = Path(name)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PreftuneError(f"model directory '{name}' has no config.json")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise PreftuneError(f"model '{name}' not found: not a local directory nor a hub id (owner/name)")
+    return name  # a hub id, for users with a network
+
+
+def load_tokenizer(cfg: ModelConfig, model_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise PreftuneError(f"cannot load tokenizer from '{model_path}': {str(e).splitlines()[0]}") from None
+    if cfg.template == "none":
+        tokenizer.chat_template = None
+    elif cfg.template is not None:
+        tokenizer.chat_template = NAMED_TEMPLATES[cfg.template]
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def weight_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    return torch.float32  # trained weights stay fp32; bf16/fp16 run as autocast
+
+
+def load_causal_lm(path: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise PreftuneError(f"cannot load model from '{path}': {str(e).splitlines()[0]}") from None
+    disable_dropout(model)
+    return model.to(device)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout makes the policy and reference log-probs differ at step 0; TRL turns it off too."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if cfg.lora_target in ("all", ["all"]) else cfg.lora_target
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise PreftuneError(f"lora_target {cfg.lora_target!r}: {str(e).splitlines()[0]}") from None
+
+
+class Reference:
+    """Reference log-probs come from here: the adapter-disabled policy (LoRA) or a frozen copy (full)."""
+
+    def __init__(self, policy: nn.Module, frozen: nn.Module | None):
+        self.policy = policy
+        self.frozen = frozen
+
+    @property
+    def model(self) -> nn.Module:
+        return self.frozen if self.frozen is not None else self.policy
+
+    def context(self):
+        if self.frozen is None:
+            return self.policy.disable_adapter()
+        return contextlib.nullcontext()
+
+
+def build_policy_and_reference(
+    cfg: ModelConfig, model_path: str, device: torch.device, need_reference: bool
+) -> tuple[nn.Module, Reference | None]:
+    dtype = weight_dtype(cfg, device)
+    model = load_causal_lm(model_path, cfg, dtype, device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.finetuning_type == "lora":
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        policy = apply_lora(model, cfg)
+        return policy, (Reference(policy, None) if need_reference else None)
+    reference = None
+    if need_reference:
+        if cfg.ref_model_name_or_path:
+            frozen = load_causal_lm(resolve_model_path(cfg.ref_model_name_or_path), cfg, dtype, device)
+        else:
+            frozen = copy.deepcopy(model)
+        frozen.eval().requires_grad_(False)
+        reference = Reference(model, frozen)
+    return model, reference
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [name for name, p in params.items() if p.requires_grad and name not in state]
+    if missing:
+        raise PreftuneError(f"checkpoint does not match the model: {len(missing)} trainable tensors missing")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].device))
+
+
+def save_final(model: nn.Module, tokenizer, output_dir: Path, is_lora: bool) -> None:
+    """Write ``adapter/`` (LoRA) and ``final/`` (merged weights + tokenizer) atomically.
+
+    Each directory is written under a temporary name and renamed into place, so a crash
+    never leaves a half-written ``final/``.
+    """
+    if is_lora:
+        _atomic_dir(output_dir / "adapter", lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        base = copy.deepcopy(model).merge_and_unload()
+    else:
+        base = model
+    _atomic_dir(output_dir / "final", lambda tmp: (base.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+
+
+def _atomic_dir(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    old = target.with_name(f".{target.name}.old")
+    for path in (tmp, old):
+        if path.exists():
+            shutil.rmtree(path)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    if old.exists():
+        shutil.rmtree(old)

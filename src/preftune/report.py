@@ -1,0 +1,172 @@
+"""What a run shows: progress bar, log files, curves and the summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
+import preftune
+
+console = Console(stderr=True)
+
+
+class Progress:
+    """Rich progress bar showing loss, margin and ETA; silent when disabled."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = RichProgress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  margin {task.fields[margin]}  acc {task.fields[acc]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+        )
+        self.task = self.bar.add_task("train", total=total, completed=start, loss="-", margin="-", acc="-")
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def update(self, step: int, row: dict[str, Any] | None) -> None:
+        fields = {}
+        if row is not None:
+            fields = dict(
+                loss=f"{row['loss']:.4f}",
+                margin=f"{row['rewards/margins']:.3f}",
+                acc=f"{row['rewards/accuracies']:.2f}",
+            )
+        self.bar.update(self.task, completed=step, **fields)
+
+    def print_eval(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            self.bar.console.print(
+                f"eval step {row['step']}: loss {row['eval_loss']:.4f}  "
+                f"margin {row['eval_rewards/margins']:.3f}  accuracy {row['eval_rewards/accuracies']:.3f}"
+            )
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "preftune": preftune.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def build_summary(cfg, log_history, data_stats, *, runtime, train_seconds, tokens_seen, peak_rss_mb,
+                  peak_gpu_mb, total_steps, device) -> dict[str, Any]:  # fmt: skip
+    train_rows = [r for r in log_history if "loss" in r]
+    eval_rows = [r for r in log_history if "eval_loss" in r]
+    final = dict(train_rows[-1]) if train_rows else {}
+    if eval_rows:
+        final.update({k: v for k, v in eval_rows[-1].items() if k.startswith("eval_")})
+    ts = data_stats["train"]
+    return {
+        "final_metrics": final,
+        "steps": total_steps,
+        "runtime_seconds": round(runtime, 2),
+        "train_seconds": round(train_seconds, 2),
+        "tokens_per_second": round(tokens_seen / train_seconds, 1) if train_seconds > 0 else None,
+        "peak_rss_mb": round(peak_rss_mb, 1),
+        "peak_gpu_memory_mb": None if peak_gpu_mb is None else round(peak_gpu_mb, 1),
+        "pairs": {
+            "train_loaded": ts["total"],
+            "train_used": ts["kept"],
+            "train_truncated": ts["truncated"],
+            "train_dropped_truncated": ts["dropped_truncated"],
+            "train_dropped_identical": ts["dropped_identical"],
+            "eval_used": data_stats["eval"]["kept"],
+        },
+        "output_dir": cfg.training.output_dir,
+        "model": cfg.model.model_name_or_path,
+        "finetuning_type": cfg.model.finetuning_type,
+        "loss_type": cfg.loss.loss_type,
+        "device": device,
+        "versions": versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_reports(out: Path, log_history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    _atomic_write(out / "log_history.json", json.dumps(log_history, indent=1))
+    _atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    write_csv(out / "training_metrics.csv", log_history)
+    plot_curves(out / "training_curves.png", log_history)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns: list[str] = ["step", "epoch"]
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+PANELS = [
+    ("loss", ["loss"], "loss"),
+    ("rewards", ["rewards/chosen", "rewards/rejected"], "implicit reward"),
+    ("margins", ["rewards/margins"], "reward margin"),
+    ("accuracies", ["rewards/accuracies"], "pair accuracy"),
+]
+
+
+def plot_curves(path: Path, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for ax, (title, keys, ylabel) in zip(axes.flat, PANELS):
+        for key in keys:
+            for prefix, style in (("", "-"), ("eval_", "o--")):
+                pts = [(r["step"], r[prefix + key]) for r in rows if prefix + key in r]
+                if pts:
+                    xs, ys = zip(*pts)
+                    label = ("eval " if prefix else "train ") + key.split("/")[-1]
+                    ax.plot(xs, ys, style, label=label, markersize=4)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle("preftune training curves")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,446 @@
+"""The DPO training recipe: one plain PyTorch loop, top to bottom.
+
+1. config -> data -> token ids          (fails fast, before anything is written)
+2. policy + reference                   (LoRA: adapter disabled; full: frozen copy)
+3. for each optimizer step: micro-batches -> log-probs -> loss -> backward; clip; step
+4. log, evaluate, checkpoint; at the end write final/ and the reports
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from preftune import data as data_mod
+from preftune import losses, report
+from preftune.batching import PaddedBatch, collate_padded
+from preftune.config import TrainConfig, load_config
+from preftune.errors import PreftuneError
+from preftune.logprobs import SequenceLogps, completion_logps
+from preftune.modeling import (
+    Reference,
+    build_policy_and_reference,
+    load_tokenizer,
+    load_trainable_state,
+    resolve_device,
+    resolve_model_path,
+    save_final,
+    trainable_state,
+)
+from preftune.templates import TokenizeStats, tokenize_pairs
+from preftune.types import TokenizedPair
+
+METRIC_KEYS = (
+    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class PreparedData:
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair]
+    stats: dict[str, Any]
+
+
+def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
+    d = cfg.data
+    if d.dataset is not None:
+        train_pairs = data_mod.load_llamafactory(d.dataset, d.dataset_dir)
+    else:
+        train_pairs = data_mod.load_pairs(d.train_file, d.format)
+    if d.max_samples is not None:
+        train_pairs = train_pairs[: d.max_samples]
+    eval_pairs = []
+    if d.eval_file is not None:
+        eval_pairs = data_mod.load_pairs(d.eval_file, d.format)
+    elif d.eval_split > 0:
+        train_pairs, eval_pairs = data_mod.split_eval(train_pairs, d.eval_split, cfg.training.seed)
+
+    kwargs = dict(system_prompt=d.system_prompt, max_length=d.max_length, max_prompt_length=d.max_prompt_length)
+    train, train_stats = tokenize_pairs(train_pairs, tokenizer, **kwargs)
+    evals, eval_stats = tokenize_pairs(eval_pairs, tokenizer, **kwargs) if eval_pairs else ([], TokenizeStats())
+    if not train:
+        raise PreftuneError(
+            f"no usable training pairs: {train_stats.total} loaded, {train_stats.dropped_truncated} dropped by "
+            f"truncation (max_length={d.max_length}), {train_stats.dropped_identical} with chosen == rejected"
+        )
+    stats = {"train": vars(train_stats), "eval": vars(eval_stats)}
+    return PreparedData(train, evals, stats)
+
+
+def build_schedule(num_pairs: int, cfg: TrainConfig) -> tuple[list[list[list[int]]], int]:
+    """Every optimizer step as a list of micro-batches of pair indices, and steps per epoch.
+
+    Epoch e visits the pairs in a permutation seeded by (seed, e), so a resumed run
+    sees exactly the batches an uninterrupted run would.
+    """
+    t = cfg.training
+    micro_per_epoch = math.ceil(num_pairs / t.per_device_train_batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / t.gradient_accumulation_steps)
+    total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
+    steps: list[list[list[int]]] = []
+    epoch = 0
+    while len(steps) < total:
+        order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(t.seed + epoch)).tolist()
+        micro = [order[i : i + t.per_device_train_batch_size] for i in range(0, num_pairs, t.per_device_train_batch_size)]
+        for i in range(0, len(micro), t.gradient_accumulation_steps):
+            steps.append(micro[i : i + t.gradient_accumulation_steps])
+        epoch += 1
+    return steps[:total], steps_per_epoch
+
+
+# ---------------------------------------------------------------- forward
+
+
+@dataclass
+class PairForward:
+    chosen: SequenceLogps
+    rejected: SequenceLogps
+
+
+def forward_logps(model: nn.Module, batch: PaddedBatch) -> PairForward:
+    """Policy (or reference) log-probs of chosen and rejected completions, one forward for both."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits  # (2B, T, V)
+    seq = completion_logps(logits, batch.input_ids, batch.completion_mask)
+    b = batch.num_pairs
+    half = lambda x: (x[:b], x[b:])  # noqa: E731
+    (c_lp, r_lp), (c_n, r_n), (c_l, r_l) = half(seq.logps), half(seq.tokens), half(seq.logits_sum)
+    return PairForward(SequenceLogps(c_lp, c_n, c_l), SequenceLogps(r_lp, r_n, r_l))
+
+
+def reference_logps(reference: Reference, batch: PaddedBatch, autocast) -> PairForward:
+    with torch.no_grad(), reference.context(), autocast():
+        return forward_logps(reference.model, batch)
+
+
+@dataclass
+class StepMetrics:
+    """Sums over the pairs (and completion tokens) seen since the last log."""
+
+    sums: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in METRIC_KEYS})
+    pairs: int = 0
+    chosen_tokens: float = 0.0
+    rejected_tokens: float = 0.0
+    loss: float = 0.0  # sum of per-step losses
+    grad_norm: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add_pairs(self, pol: PairForward, ref: PairForward | None, lp: losses.PairLogps, cfg: TrainConfig) -> None:
+        params = loss_params(cfg)
+        rc, rr = losses.rewards(lp, cfg.loss_types, params)
+        s = self.sums
+        s["rewards/chosen"] += rc.sum().item()
+        s["rewards/rejected"] += rr.sum().item()
+        s["rewards/margins"] += (rc - rr).sum().item()
+        s["rewards/accuracies"] += (rc > rr).float().sum().item()
+        s["logps/chosen"] += pol.chosen.logps.detach().sum().item()
+        s["logps/rejected"] += pol.rejected.logps.detach().sum().item()
+        s["logits/chosen"] += pol.chosen.logits_sum.sum().item()
+        s["logits/rejected"] += pol.rejected.logits_sum.sum().item()
+        self.pairs += len(rc)
+        self.chosen_tokens += pol.chosen.tokens.sum().item()
+        self.rejected_tokens += pol.rejected.tokens.sum().item()
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        out = {}
+        for key, value in self.sums.items():
+            if key == "logits/chosen":
+                out[prefix + key] = value / max(self.chosen_tokens, 1.0)
+            elif key == "logits/rejected":
+                out[prefix + key] = value / max(self.rejected_tokens, 1.0)
+            else:
+                out[prefix + key] = value / max(self.pairs, 1)
+        return out
+
+
+def loss_params(cfg: TrainConfig) -> losses.LossParams:
+    return losses.LossParams(
+        beta=cfg.loss.beta,
+        label_smoothing=cfg.loss.label_smoothing,
+        simpo_gamma=cfg.loss.simpo_gamma,
+        orpo_alpha=cfg.loss.orpo_alpha,
+    )
+
+
+def pair_logps(pol: PairForward, ref: PairForward | None, chosen_tokens_mean: float | None) -> losses.PairLogps:
+    return losses.PairLogps(
+        chosen=pol.chosen.logps,
+        rejected=pol.rejected.logps,
+        chosen_tokens=pol.chosen.tokens,
+        rejected_tokens=pol.rejected.tokens,
+        ref_chosen=None if ref is None else ref.chosen.logps,
+        ref_rejected=None if ref is None else ref.rejected.logps,
+        chosen_tokens_mean=chosen_tokens_mean,
+    )
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, reference, pairs, cfg, pad_id, device, autocast) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    metrics = StepMetrics()
+    tokens_mean = sum(len(p.chosen_ids) for p in pairs) / len(pairs)
+    bs = cfg.training.per_device_eval_batch_size
+    total_loss = 0.0
+    for i in range(0, len(pairs), bs):
+        batch = collate_padded(pairs[i : i + bs], pad_id).to(device)
+        with autocast():
+            pol = forward_logps(model, batch)
+        ref = reference_logps(reference, batch, autocast) if reference is not None else None
+        lp = pair_logps(pol, ref, tokens_mean)
+        total_loss += losses.combined_loss(lp, cfg.loss_types, cfg.loss.loss_weights, loss_params(cfg)).sum().item()
+        metrics.add_pairs(pol, ref, lp, cfg)
+    model.train(was_training)
+    return {"eval_loss": total_loss / len(pairs), **metrics.means(prefix="eval_")}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": {
+                "python": random.getstate(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        },
+        tmp / "training_state.pt",
+    )
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def find_checkpoint(cfg: TrainConfig) -> Path | None:
+    resume = cfg.training.resume_from_checkpoint
+    if resume in (None, False):
+        return None
+    if resume is True or resume == "true":
+        ckpts = sorted_checkpoints(Path(cfg.training.output_dir))
+        if not ckpts:
+            raise PreftuneError(f"resume_from_checkpoint: no checkpoint in {cfg.training.output_dir}/checkpoints")
+        return ckpts[-1]
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise PreftuneError(f"resume_from_checkpoint: '{resume}' is not a checkpoint directory")
+    return path
+
+
+def sorted_checkpoints(output_dir: Path) -> list[Path]:
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
+    if limit is None:
+        return
+    for old in sorted_checkpoints(output_dir)[:-limit]:
+        shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def check_output_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.training.output_dir)
+    finished = (out / "summary.json").exists() or (out / "final").exists()
+    if finished and not cfg.training.overwrite_output_dir and not cfg.training.resume_from_checkpoint:
+        raise PreftuneError(
+            f"output_dir '{out}' already holds a finished run; set overwrite_output_dir: true or choose another"
+        )
+    if out.exists() and not out.is_dir():
+        raise PreftuneError(f"output_dir '{out}' exists and is not a directory")
+    return out
+
+
+def make_autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.training.bf16:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    if cfg.training.fp16:
+        return lambda: torch.autocast(device.type, dtype=torch.float16)
+    return nullcontext
+
+
+def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, Any]:
+    """Run DPO training; returns the summary written to ``summary.json``."""
+    from transformers import get_scheduler
+
+    cfg = load_config(config, overrides)
+    t = cfg.training
+    started = time.time()
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    device = resolve_device(t.device)
+
+    # 1. data (all user mistakes surface here, before anything is written)
+    out = check_output_dir(cfg)
+    checkpoint = find_checkpoint(cfg)
+    model_path = resolve_model_path(cfg.model.model_name_or_path)
+    tokenizer = load_tokenizer(cfg.model, model_path)
+    prepared = prepare_data(cfg, tokenizer)
+    pad_id = tokenizer.pad_token_id
+
+    # 2. policy + reference
+    need_ref = losses.needs_reference(cfg.loss_types)
+    model, reference = build_policy_and_reference(cfg.model, model_path, device, need_ref)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
+    )
+    schedule, steps_per_epoch = build_schedule(len(prepared.train), cfg)
+    total_steps = len(schedule)
+    warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
+    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scaler = torch.amp.GradScaler(device.type) if t.fp16 else None
+    autocast = make_autocast(cfg, device)
+
+    log_history: list[dict[str, Any]] = []
+    start_step, tokens_seen, train_seconds = 0, 0, 0.0
+    if checkpoint is not None:
+        load_trainable_state(model, load_file(checkpoint / "trainable.safetensors"))
+        blob = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        if scaler is not None and blob["scaler"] is not None:
+            scaler.load_state_dict(blob["scaler"])
+        random.setstate(blob["rng"]["python"])
+        torch.set_rng_state(blob["rng"]["torch"])
+        if blob["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        start_step, log_history = state["step"], state["log_history"]
+        tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    evaluate_now = lambda: evaluate(model, reference, prepared.eval, cfg, pad_id, device, autocast)  # noqa: E731
+    window = StepMetrics()
+
+    # 3. the loop
+    progress = report.Progress(total_steps, start_step, enabled=t.progress)
+    with progress:
+        for step_index in range(start_step, total_steps):
+            step_started = time.time()
+            micro_batches = [[prepared.train[i] for i in idx] for idx in schedule[step_index]]
+            step_pairs = sum(len(mb) for mb in micro_batches)
+            # mean chosen length over the whole step: token-mean losses stay exact under accumulation
+            chosen_tokens_mean = sum(len(p.chosen_ids) for mb in micro_batches for p in mb) / step_pairs
+            step_loss = 0.0
+            for pairs in micro_batches:
+                batch = collate_padded(pairs, pad_id).to(device)
+                ref = reference_logps(reference, batch, autocast) if reference is not None else None
+                with autocast():
+                    pol = forward_logps(model, batch)
+                lp = pair_logps(pol, ref, chosen_tokens_mean)
+                per_pair = losses.combined_loss(lp, cfg.loss_types, cfg.loss.loss_weights, loss_params(cfg))
+                loss = per_pair.sum() / step_pairs  # mean over the pairs of the optimizer step
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                step_loss += loss.item()
+                window.add_pairs(pol, ref, lp, cfg)
+                window.tokens += batch.num_tokens
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            lr = scheduler.get_last_lr()[0]  # the rate this step applies
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step = step_index + 1
+            elapsed = time.time() - step_started
+            window.loss += step_loss
+            window.grad_norm += grad_norm
+            window.steps += 1
+            window.seconds += elapsed
+            train_seconds += elapsed
+            if not math.isfinite(step_loss):
+                raise RuntimeError(f"loss is {step_loss} at step {step}; lower learning_rate or use bf16 instead of fp16")
+
+            if step % t.logging_steps == 0 or step == total_steps:
+                row = {
+                    "loss": window.loss / window.steps,
+                    "grad_norm": window.grad_norm / window.steps,
+                    "learning_rate": lr,
+                    **window.means(),
+                    "tokens_per_second": window.tokens / max(window.seconds, 1e-9),
+                    "epoch": round(step / steps_per_epoch, 4),
+                    "step": step,
+                }
+                tokens_seen += window.tokens
+                log_history.append(row)
+                progress.update(step, row)
+                window = StepMetrics()
+            else:
+                progress.update(step, None)
+            if prepared.eval and t.eval_steps and step % t.eval_steps == 0 and step != total_steps:
+                log_history.append({**evaluate_now(), "epoch": round(step / steps_per_epoch, 4), "step": step})
+                progress.print_eval(log_history[-1])
+            if t.save_steps and step % t.save_steps == 0 and step != total_steps:
+                state = {"step": step, "log_history": log_history, "tokens_seen": tokens_seen,
+                         "train_seconds": train_seconds}  # fmt: skip
+                save_checkpoint(out / "checkpoints" / f"step-{step}", model, optimizer, scheduler, scaler, state)
+                prune_checkpoints(out, t.save_total_limit)
+
+    # 4. final evaluation, model and reports
+    if prepared.eval:
+        log_history.append({**evaluate_now(), "epoch": round(total_steps / steps_per_epoch, 4), "step": total_steps})
+        progress.print_eval(log_history[-1])
+    save_final(model, tokenizer, out, is_lora=cfg.model.finetuning_type == "lora")
+    summary = report.build_summary(
+        cfg, log_history, prepared.stats, runtime=time.time() - started, train_seconds=train_seconds,
+        tokens_seen=tokens_seen, peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device),
+        total_steps=total_steps, device=str(device),
+    )  # fmt: skip
+    report.write_reports(out, log_history, summary)
+    return summary
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_gpu_mb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20

@@ -1,0 +1,145 @@
+"""The training loop: accumulation, determinism, resume, metrics."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preftune import train
+
+PROMPTS = ["What is the capital of Spain?", "The cat sat on", "Water boils at", "Hello, how are you?",
+           "Paris is the capital of", "The quick brown fox", "I think you are right.", "numbers 1 2 3"]  # fmt: skip
+TRAIN_KEYS = ["loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+              "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "epoch", "step"]  # fmt: skip
+
+
+def write_pairs(path, n=8):
+    rows = []
+    for i in range(n):
+        p = PROMPTS[i % len(PROMPTS)]
+        rows.append({"prompt": p, "chosen": f"Madrid is the capital of Spain {i}.", "rejected": f"the dog {i}"})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def base_config(model_dir, tmp_path, **extra):
+    return {
+        "model_name_or_path": model_dir,
+        "train_file": write_pairs(tmp_path / "pairs.jsonl"),
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "max_length": 64,
+        "progress": False,
+        "seed": 3,
+        **extra,
+    }
+
+
+def rows(out, key="loss"):
+    history = json.loads((out / "log_history.json").read_text())
+    return [r for r in history if key in r]
+
+
+def close_rows(a, b, keys, tol=1e-5):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        for k in keys:
+            assert ra[k] == pytest.approx(rb[k], abs=tol, rel=tol), (k, ra["step"], ra[k], rb[k])
+
+
+def test_logged_metrics_have_trl_names(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=2, eval_split=0.25))
+    train_rows = rows(out)
+    assert len(train_rows) == 2
+    for key in TRAIN_KEYS + ["tokens_per_second"]:
+        assert key in train_rows[0]
+    eval_rows = rows(out, "eval_loss")
+    assert eval_rows and all("eval_" + k in eval_rows[-1] for k in TRAIN_KEYS[3:11])
+    assert summary["pairs"]["train_used"] == 6 and summary["pairs"]["eval_used"] == 2
+    first = train_rows[0]
+    # at step 1 the policy equals the reference: rewards 0, loss log 2
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-5)
+
+
+def test_gradient_accumulation_equals_large_batch(tiny_model_dir, tmp_path):
+    """4 pairs x 1 micro-batch == 2 x 2 == 1 x 4, for a pair-mean loss and a token-mean one (RPO)."""
+    outs = []
+    for bs, accum in [(4, 1), (2, 2), (1, 4)]:
+        out = tmp_path / f"bs{bs}"
+        cfg = base_config(tiny_model_dir, tmp_path, output_dir=str(out), finetuning_type="full", max_steps=3,
+                          per_device_train_batch_size=bs, gradient_accumulation_steps=accum,
+                          loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])  # fmt: skip
+        train(cfg)
+        outs.append(out)
+    keys = ["loss", "grad_norm", "rewards/chosen", "rewards/margins", "logps/chosen", "logits/chosen"]
+    close_rows(rows(outs[0]), rows(outs[1]), keys, tol=1e-5)
+    close_rows(rows(outs[0]), rows(outs[2]), keys, tol=1e-5)
+    w0 = load_file(outs[0] / "final" / "model.safetensors")
+    w2 = load_file(outs[2] / "final" / "model.safetensors")
+    assert all(torch.allclose(w0[k], w2[k], atol=1e-5) for k in w0)
+
+
+def test_same_seed_same_metrics_other_seed_differs(tiny_model_dir, tmp_path):
+    runs = {}
+    for name, seed in [("a", 7), ("b", 7), ("c", 8)]:
+        out = tmp_path / name
+        train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=3, seed=seed, lora_dropout=0.1,
+                          per_device_train_batch_size=2))  # fmt: skip
+        runs[name] = rows(out)
+    for ra, rb in zip(runs["a"], runs["b"]):
+        assert {k: ra[k] for k in TRAIN_KEYS} == {k: rb[k] for k in TRAIN_KEYS}
+    assert any(ra["loss"] != rc["loss"] for ra, rc in zip(runs["a"], runs["c"]))
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_resume_continues_exactly(tiny_model_dir, tmp_path, finetuning_type):
+    common = dict(max_steps=6, per_device_train_batch_size=2, lora_dropout=0.1, finetuning_type=finetuning_type,
+                  warmup_steps=2, lr_scheduler_type="cosine", logging_steps=2)  # fmt: skip
+    straight = tmp_path / "straight"
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(straight), **common))
+    interrupted = tmp_path / "interrupted"
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(interrupted), save_steps=2, save_total_limit=2,
+                      **common))  # fmt: skip
+    ckpts = sorted(p.name for p in (interrupted / "checkpoints").iterdir())
+    assert ckpts == ["step-2", "step-4"]  # save_total_limit removed step-... none older here; 6 is final
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(interrupted), resume_from_checkpoint=str(
+        interrupted / "checkpoints" / "step-2"), **common))  # fmt: skip
+    resumed = rows(interrupted)
+    assert [r["step"] for r in resumed] == [2, 4, 6]
+    close_rows(rows(straight), resumed, TRAIN_KEYS, tol=1e-6)
+
+
+def test_save_total_limit_prunes(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=7, per_device_train_batch_size=1,
+                      save_steps=2, save_total_limit=2))  # fmt: skip
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-6"]
+
+
+def test_learning_rate_schedule_matches_transformers(tiny_model_dir, tmp_path):
+    from transformers import get_scheduler
+
+    out = tmp_path / "run"
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=5, per_device_train_batch_size=2,
+                      warmup_ratio=0.4, lr_scheduler_type="cosine"))  # fmt: skip
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=5)
+    expected = []
+    for _ in range(5):
+        expected.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert [r["learning_rate"] for r in rows(out)] == pytest.approx(expected)
+
+
+def test_training_moves_the_margin(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), num_train_epochs=6, learning_rate=2e-2,
+                      per_device_train_batch_size=4))  # fmt: skip
+    history = rows(out)
+    assert history[-1]["rewards/margins"] > 0.5
+    assert history[-1]["rewards/accuracies"] == 1.0
+    assert history[-1]["loss"] < history[0]["loss"] - 0.2
