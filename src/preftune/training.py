@@ -28,7 +28,7 @@ from preftune import losses, report
 from preftune.batching import PaddedBatch, collate_padded
 from preftune.config import TrainConfig, load_config
 from preftune.errors import PreftuneError
-from preftune.logprobs import SequenceLogps, completion_logps
+from preftune.forward import PairForward, forward_padded
 from preftune.modeling import (
     Reference,
     build_policy_and_reference,
@@ -108,25 +108,9 @@ def build_schedule(num_pairs: int, cfg: TrainConfig) -> tuple[list[list[list[int
 # ---------------------------------------------------------------- forward
 
 
-@dataclass
-class PairForward:
-    chosen: SequenceLogps
-    rejected: SequenceLogps
-
-
-def forward_logps(model: nn.Module, batch: PaddedBatch) -> PairForward:
-    """Policy (or reference) log-probs of chosen and rejected completions, one forward for both."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits  # (2B, T, V)
-    seq = completion_logps(logits, batch.input_ids, batch.completion_mask)
-    b = batch.num_pairs
-    half = lambda x: (x[:b], x[b:])  # noqa: E731
-    (c_lp, r_lp), (c_n, r_n), (c_l, r_l) = half(seq.logps), half(seq.tokens), half(seq.logits_sum)
-    return PairForward(SequenceLogps(c_lp, c_n, c_l), SequenceLogps(r_lp, r_n, r_l))
-
-
 def reference_logps(reference: Reference, batch: PaddedBatch, autocast) -> PairForward:
     with torch.no_grad(), reference.context(), autocast():
-        return forward_logps(reference.model, batch)
+        return forward_padded(reference.model, batch)
 
 
 @dataclass
@@ -206,7 +190,7 @@ def evaluate(model, reference, pairs, cfg, pad_id, device, autocast) -> dict[str
     for i in range(0, len(pairs), bs):
         batch = collate_padded(pairs[i : i + bs], pad_id).to(device)
         with autocast():
-            pol = forward_logps(model, batch)
+            pol = forward_padded(model, batch)
         ref = reference_logps(reference, batch, autocast) if reference is not None else None
         lp = pair_logps(pol, ref, tokens_mean)
         total_loss += losses.combined_loss(lp, cfg.loss_types, cfg.loss.loss_weights, loss_params(cfg)).sum().item()
@@ -366,7 +350,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
                 batch = collate_padded(pairs, pad_id).to(device)
                 ref = reference_logps(reference, batch, autocast) if reference is not None else None
                 with autocast():
-                    pol = forward_logps(model, batch)
+                    pol = forward_padded(model, batch)
                 lp = pair_logps(pol, ref, chosen_tokens_mean)
                 per_pair = losses.combined_loss(lp, cfg.loss_types, cfg.loss.loss_weights, loss_params(cfg))
                 loss = per_pair.sum() / step_pairs  # mean over the pairs of the optimizer step
