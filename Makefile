@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,10 +21,10 @@ demo: setup
 	$(VENV)/bin/preftune train examples/tiny.yaml overwrite_output_dir=true
 
 test: setup
-	$(PY) -m pytest tests -m "not real_model"
-
-test-all: setup
 	$(PY) -m pytest tests
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not real_model"
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -108,7 +108,7 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path, finetuning_type):
     train(base_config(tiny_model_dir, tmp_path, output_dir=str(interrupted), resume_from_checkpoint=str(
         interrupted / "checkpoints" / "step-2"), **common))  # fmt: skip
     resumed = rows(interrupted)
-    assert [r["step"] for r in resumed] == [2, 4, 6]
+    assert [r["step"] for r in resumed] == [1, 2, 4, 6]
     close_rows(rows(straight), resumed, TRAIN_KEYS, tol=1e-6)
 
 

@@ -6,12 +6,23 @@ fast paths are tested against.
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from preftune.batching import PaddedBatch
+from preftune.batching import PaddedBatch, collate_padded
 from preftune.logprobs import SequenceLogps, completion_logps
+from preftune.packing import PackedRows, additive_mask, pack_pairs, packed_token_count
+from preftune.types import TokenizedPair
+
+__all__ = [
+    "FAST", "PACKED_FULL_LOGITS", "PADDED", "PairForward", "chunked_head_logps", "fast_path_mode",
+    "forward_fast", "forward_packed", "forward_padded", "packed_token_count", "unsupported_reason",
+]  # fmt: skip
 
 
 @dataclass
@@ -29,3 +40,253 @@ def forward_padded(model: nn.Module, batch: PaddedBatch) -> PairForward:
         chosen=SequenceLogps(seq.logps[:b], seq.tokens[:b], seq.logits_sum[:b]),
         rejected=SequenceLogps(seq.logps[b:], seq.tokens[b:], seq.logits_sum[b:]),
     )
+
+
+# ---------------------------------------------------------------- fast path
+#
+# Shared prompt + packed rows (see packing.py) through the model body only, then the LM head on
+# just the N positions that predict completion tokens, a chunk at a time. Equal to
+# ``forward_padded(model, collate_padded(pairs, pad))`` up to float rounding.
+#
+# What it needs, and what happens otherwise (``fast_path_mode`` says which path a model gets):
+#   FAST                both of the below, and the head is plain: logits == lm_head(body(x))
+#   PACKED_FULL_LOGITS  the attention takes a custom 4-D mask, but the head does more than
+#                       lm_head (final-logit softcapping, logit scaling, ...): packed rows
+#                       through the whole model, full logits of the packed rows, then gather
+#   PADDED              anything else -> forward_padded: attention other than sdpa/eager
+#                       (flash/flex ignore or reject a dense 4-D mask), chunked attention,
+#                       PEFT prompt learning (virtual tokens), a sliding window shorter than a
+#                       pair's longest sequence, or a model that failed the probe.
+# The probe runs once per model: a few synthetic pairs through the padded path and the fast
+# variants, in eval mode, without autocast; the first variant that agrees is used from then on.
+
+FAST = "fast"
+PACKED_FULL_LOGITS = "packed_full_logits"
+PADDED = "padded"
+
+_MASKABLE_ATTENTION = ("sdpa", "eager")
+_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_probe_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[str, str]]" = weakref.WeakKeyDictionary()
+log = logging.getLogger(__name__)
+
+
+def forward_fast(
+    model: nn.Module,
+    pairs: list[TokenizedPair],
+    *,
+    pad_token_id: int,
+    max_tokens_per_row: int | None = None,
+    chunk_size: int = 1024,
+) -> PairForward:
+    """Per-pair completion log-probs (same order as ``pairs``) from packed shared-prompt rows.
+
+    ``max_tokens_per_row`` caps the tokens of a row (None: all pairs in one row; a pair longer
+    than the cap gets a row of its own). ``chunk_size`` is how many positions go through the LM
+    head at once; with more than one chunk and gradients on, each chunk's logits are recomputed
+    in backward instead of kept, so at most one (chunk_size, V) block of logits is alive.
+    """
+    device = _device(model)
+    mode = fast_path_mode(model, pairs)
+    if mode == PADDED:
+        return forward_padded(model, collate_padded(pairs, pad_token_id).to(device))
+    packed = pack_pairs(pairs, pad_token_id=pad_token_id, max_tokens_per_row=max_tokens_per_row).to(device)
+    return forward_packed(model, packed, full_logits=mode == PACKED_FULL_LOGITS, chunk_size=chunk_size)
+
+
+def forward_packed(model: nn.Module, packed: PackedRows, *, full_logits: bool = False, chunk_size: int = 1024) -> PairForward:
+    """Run already packed rows; no checks (``forward_fast`` decides whether this is exact)."""
+    base, decoder, head = _parts(model)
+    mask = packed.attention_mask  # bool: what sdpa takes, whatever the compute dtype
+    if _attn_implementation(base) == "eager":  # eager adds the mask to the scores
+        mask = additive_mask(mask, base.get_input_embeddings().weight.dtype)
+    inputs = dict(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False)
+    if full_logits or decoder is None or head is None:
+        logits = base(**inputs).logits  # (R, L, V)
+        flat = logits.reshape(-1, logits.shape[-1]).index_select(0, packed.pred_index)  # (N, V)
+        token_logps, mean_logits = _token_logps(flat, packed.target_ids)
+    else:
+        hidden = decoder(**inputs)[0]  # (R, L, H), after the final norm
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.pred_index)  # (N, H)
+        token_logps, mean_logits = chunked_head_logps(head, hidden, packed.target_ids, chunk_size)
+        if token_logps.numel() == 0:  # nothing to score: keep the graph connected anyway
+            token_logps = token_logps + hidden.sum() * 0
+    return _per_sequence(packed, token_logps, mean_logits)
+
+
+def chunked_head_logps(head: nn.Module, hidden: Tensor, targets: Tensor, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """log p(target) and vocabulary-mean logit, (N,) each in fp32, from (N, H) hidden states.
+
+    Projects ``chunk_size`` rows at a time; never builds more than a (chunk_size, V) block.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    n = hidden.shape[0]
+    recompute = n > chunk_size and torch.is_grad_enabled()
+    logps, means = [], []
+    for start in range(0, n, chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if recompute:
+            lp, mean = checkpoint(_head_chunk, head, h, t, use_reentrant=False)
+        else:
+            lp, mean = _head_chunk(head, h, t)
+        logps.append(lp)
+        means.append(mean)
+    if not logps:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(logps), torch.cat(means)
+
+
+def fast_path_mode(model: nn.Module, pairs: list[TokenizedPair] | None = None) -> str:
+    """FAST, PACKED_FULL_LOGITS or PADDED: the path ``forward_fast`` takes for this model (and pairs)."""
+    reason = unsupported_reason(model)
+    if reason is None and pairs:
+        window = _sliding_window(_parts(model)[0].config)
+        longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+        if window is not None and longest > window:
+            reason = f"a sequence of {longest} tokens exceeds the sliding window ({window})"
+    if reason is not None:
+        _log_once(model, reason)
+        return PADDED
+    impl = _attn_implementation(_parts(model)[0])
+    cached = _probe_cache.get(model)
+    if cached is None or cached[0] != impl:
+        cached = (impl, _probe(model))
+        _probe_cache[model] = cached
+    return cached[1]
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the packed layout cannot be used with this model, or None if it can (probe aside)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return "PEFT prompt learning adds virtual tokens the packed mask does not know about"
+    base, _, _ = _parts(model)
+    config = getattr(base, "config", None)
+    if config is None or not hasattr(base, "get_input_embeddings"):
+        return "not a transformers model"
+    impl = _attn_implementation(base)
+    if impl not in _MASKABLE_ATTENTION:
+        return f"attention implementation {impl!r} does not take a custom 4-D mask (sdpa and eager do)"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "attention_chunk_size", None) is not None:
+        return "chunked attention"
+    return None
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
+    """(causal LM, its decoder body, its LM head); PEFT wrappers are looked through."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = head = None
+    if hasattr(base, "get_decoder"):
+        decoder = base.get_decoder()
+        if decoder is base:  # a bare body, not a causal LM
+            decoder = None
+    elif isinstance(getattr(base, "model", None), nn.Module):
+        decoder = base.model
+    if hasattr(base, "get_output_embeddings"):
+        head = base.get_output_embeddings()
+    return base, decoder, head
+
+
+def _attn_implementation(base: nn.Module) -> str | None:
+    config = getattr(base, "config", None)
+    return getattr(config, "_attn_implementation", None) if config is not None else None
+
+
+def _sliding_window(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _head_chunk(head: nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    return _token_logps(head(hidden), targets)
+
+
+def _token_logps(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(n, V) logits -> log p(target), vocabulary-mean logit; fp32 like ``completion_logps``."""
+    logits = logits.float()
+    token = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return token - torch.logsumexp(logits, dim=-1), logits.detach().mean(-1)
+
+
+def _per_sequence(packed: PackedRows, token_logps: Tensor, mean_logits: Tensor) -> PairForward:
+    b = packed.num_pairs
+    zeros = torch.zeros(2 * b, dtype=torch.float32, device=token_logps.device)
+    logps = zeros.index_add(0, packed.seq_index, token_logps)
+    tokens = zeros.index_add(0, packed.seq_index, torch.ones_like(token_logps.detach()))
+    logits_sum = zeros.index_add(0, packed.seq_index, mean_logits)
+    return PairForward(
+        chosen=SequenceLogps(logps[:b], tokens[:b], logits_sum[:b]),
+        rejected=SequenceLogps(logps[b:], tokens[b:], logits_sum[b:]),
+    )
+
+
+_PROBE_PAIRS = [  # 3 pairs, budget 10: rows [8 + pad 2] and [6 + 4]; 1-token prompt/answers included
+    ([3, 4, 5], [6, 7], [8, 9, 10]),
+    ([11, 12], [13, 14, 15], [16]),
+    ([17], [18], [19, 20]),
+]
+
+
+def _probe(model: nn.Module) -> str:
+    """Try the fast variants on synthetic pairs against the padded path; the first that agrees wins."""
+    base, decoder, head = _parts(model)
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    vocab = getattr(config, "vocab_size", None) or 32
+    pairs = [TokenizedPair([t % vocab for t in p], [t % vocab for t in c], [t % vocab for t in r]) for p, c, r in _PROBE_PAIRS]
+    device = _device(model)
+    dtype = base.get_input_embeddings().weight.dtype
+    exact = dtype in (torch.float32, torch.float64)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            ref = forward_padded(model, collate_padded(pairs, 0).to(device))
+            packed = pack_pairs(pairs, pad_token_id=0, max_tokens_per_row=10).to(device)
+            candidates = [(FAST, False), (PACKED_FULL_LOGITS, True)] if decoder is not None and head is not None else []
+            candidates = candidates + ([] if candidates else [(PACKED_FULL_LOGITS, True)])
+            for mode, full in candidates:
+                try:
+                    out = forward_packed(model, packed, full_logits=full, chunk_size=4)
+                except Exception as err:  # noqa: BLE001 - any failure means "not this variant"
+                    log.info("fast path variant %s failed its probe: %s", mode, err)
+                    continue
+                if _close(out, ref, exact):
+                    if mode != FAST:
+                        log.warning("the LM head is not a plain projection; the fast path keeps full logits")
+                    return mode
+            log.warning("the packed fast path disagreed with the padded path on this model; using padded batches")
+            return PADDED
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _close(a: PairForward, b: PairForward, exact: bool) -> bool:
+    atol, rtol = (1e-3, 1e-4) if exact else (5e-2, 2e-2)
+    return all(
+        torch.allclose(x.float(), y.float(), atol=atol, rtol=rtol)
+        for x, y in [(a.chosen.logps, b.chosen.logps), (a.rejected.logps, b.rejected.logps),
+                     (a.chosen.tokens, b.chosen.tokens), (a.rejected.tokens, b.rejected.tokens)]
+    )  # fmt: skip
+
+
+_logged: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def _log_once(model: nn.Module, reason: str) -> None:
+    if _logged.get(model) != reason:
+        _logged[model] = reason
+        log.warning("fast forward path off (%s); using padded batches", reason)

@@ -62,6 +62,29 @@ class Progress:
             )
 
 
+def quiet_libraries() -> None:
+    """Our progress bar and one-line errors are the output; silence the libraries' bars and deprecation notes."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\.")
+
+
+def print_data_stats(stats: dict[str, dict[str, int]]) -> None:
+    tr, ev = stats["train"], stats["eval"]
+    line = (
+        f"data: {tr['kept']} training pairs of {tr['total']} ({tr['truncated']} truncated, "
+        f"{tr['dropped_truncated']} dropped by truncation, {tr['dropped_identical']} dropped as chosen == rejected)"
+    )
+    if ev["total"]:
+        line += f"; {ev['kept']} eval pairs of {ev['total']}"
+    console.print(line, highlight=False)
+
+
 def versions() -> dict[str, str]:
     import peft
     import torch

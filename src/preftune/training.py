@@ -286,6 +286,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
 
     cfg = load_config(config, overrides)
     t = cfg.training
+    report.quiet_libraries()
     started = time.time()
     random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -298,6 +299,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     tokenizer = load_tokenizer(cfg.model, model_path)
     prepared = prepare_data(cfg, tokenizer)
     pad_id = tokenizer.pad_token_id
+    report.print_data_stats(prepared.stats)
 
     # 2. policy + reference
     need_ref = losses.needs_reference(cfg.loss_types)
@@ -381,7 +383,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
             if not math.isfinite(step_loss):
                 raise RuntimeError(f"loss is {step_loss} at step {step}; lower learning_rate or use bf16 instead of fp16")
 
-            if step % t.logging_steps == 0 or step == total_steps:
+            if step % t.logging_steps == 0 or step in (1, total_steps):  # first step: the baseline
                 row = {
                     "loss": window.loss / window.steps,
                     "grad_norm": window.grad_norm / window.steps,

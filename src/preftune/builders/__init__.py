@@ -1,0 +1,1 @@
+"""Generators that turn compact specs into preference pairs (e.g. template.py: claims x phrasings)."""
