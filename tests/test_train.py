@@ -143,3 +143,20 @@ def test_training_moves_the_margin(tiny_model_dir, tmp_path):
     assert history[-1]["rewards/margins"] > 0.5
     assert history[-1]["rewards/accuracies"] == 1.0
     assert history[-1]["loss"] < history[0]["loss"] - 0.2
+
+
+def test_reference_from_path_equals_frozen_copy(tiny_model_dir, tmp_path):
+    common = dict(finetuning_type="full", max_steps=2, per_device_train_batch_size=4)
+    copy_run = train(base_config(tiny_model_dir, tmp_path, output_dir=str(tmp_path / "copy"), **common))
+    path_run = train(base_config(tiny_model_dir, tmp_path, output_dir=str(tmp_path / "path"),
+                                 ref_model_name_or_path=tiny_model_dir, **common))  # fmt: skip
+    for key in ("loss", "rewards/margins", "grad_norm"):
+        assert path_run["final_metrics"][key] == pytest.approx(copy_run["final_metrics"][key], abs=1e-6)
+
+
+def test_lora_target_list_adapts_only_those_modules(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=1, lora_target=["q_proj", "v_proj"]))
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    modules = {name.split(".")[-3] for name in adapter}
+    assert modules == {"q_proj", "v_proj"}
