@@ -22,7 +22,7 @@ PAIRS = [
     {"prompt": "Hello, how are you", "chosen": " today? I am fine, thank you.", "rejected": " ?"},
 ]
 COMPARED = ["loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-            "logps/chosen", "logps/rejected"]  # fmt: skip
+            "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"]  # fmt: skip
 LR = 5e-3  # large enough that three steps move the metrics
 
 
