@@ -108,6 +108,11 @@ class TrainingConfig:
     resume_from_checkpoint: bool | str | None = doc(
         "true: continue from the newest checkpoint in output_dir; or a checkpoint path.", None
     )
+    precompute_ref_log_probs: bool | None = doc(
+        "Compute the reference log-probs once before training and cache them under $PREFTUNE_HOME "
+        "(default: on whenever the loss needs a reference).",
+        None,
+    )
     device: str = doc("auto, cpu, cuda or cuda:N.", "auto")
     progress: bool = doc("Show a progress bar.", True)
 

@@ -100,7 +100,7 @@ def versions() -> dict[str, str]:
 
 
 def build_summary(cfg, log_history, data_stats, *, runtime, train_seconds, tokens_seen, peak_rss_mb,
-                  peak_gpu_mb, total_steps, device) -> dict[str, Any]:  # fmt: skip
+                  peak_gpu_mb, total_steps, device, reference_mode) -> dict[str, Any]:  # fmt: skip
     train_rows = [r for r in log_history if "loss" in r]
     eval_rows = [r for r in log_history if "eval_loss" in r]
     final = dict(train_rows[-1]) if train_rows else {}
@@ -128,6 +128,7 @@ def build_summary(cfg, log_history, data_stats, *, runtime, train_seconds, token
         "finetuning_type": cfg.model.finetuning_type,
         "loss_type": cfg.loss.loss_type,
         "device": device,
+        "reference": reference_mode,
         "versions": versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

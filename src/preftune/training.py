@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -17,7 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,11 +35,13 @@ from preftune.modeling import (
     build_policy_and_reference,
     load_tokenizer,
     load_trainable_state,
+    preftune_home,
     resolve_device,
     resolve_model_path,
     save_final,
     trainable_state,
 )
+from preftune.refcache import RefLogps, fingerprint_reference, load_or_compute
 from preftune.templates import TokenizeStats, tokenize_pairs
 from preftune.types import TokenizedPair
 
@@ -108,9 +111,22 @@ def build_schedule(num_pairs: int, cfg: TrainConfig) -> tuple[list[list[list[int
 # ---------------------------------------------------------------- forward
 
 
-def reference_logps(reference: Reference, batch: PaddedBatch, autocast) -> PairForward:
-    with torch.no_grad(), reference.context(), autocast():
-        return forward_padded(reference.model, batch)
+RefSource = Callable[[list[int], PaddedBatch], RefLogps | None]  # (pair indices, batch) -> reference log-probs
+
+
+def reference_source(reference: Reference | None, cached: RefLogps | None, autocast) -> RefSource:
+    """Where the reference log-probs of a batch come from: the cache, a forward, or nowhere."""
+    if cached is not None:
+        return lambda indices, batch: cached.select(indices).to(batch.input_ids.device)
+    if reference is None:
+        return lambda indices, batch: None
+
+    def on_the_fly(indices: list[int], batch: PaddedBatch) -> RefLogps:
+        with torch.no_grad(), reference.context(), autocast():
+            out = forward_padded(reference.model, batch)
+        return RefLogps(out.chosen.logps, out.rejected.logps)
+
+    return on_the_fly
 
 
 @dataclass
@@ -127,7 +143,7 @@ class StepMetrics:
     tokens: int = 0
     seconds: float = 0.0
 
-    def add_pairs(self, pol: PairForward, ref: PairForward | None, lp: losses.PairLogps, cfg: TrainConfig) -> None:
+    def add_pairs(self, pol: PairForward, lp: losses.PairLogps, cfg: TrainConfig) -> None:
         params = loss_params(cfg)
         rc, rr = losses.rewards(lp, cfg.loss_types, params)
         s = self.sums
@@ -164,14 +180,14 @@ def loss_params(cfg: TrainConfig) -> losses.LossParams:
     )
 
 
-def pair_logps(pol: PairForward, ref: PairForward | None, chosen_tokens_mean: float | None) -> losses.PairLogps:
+def pair_logps(pol: PairForward, ref: RefLogps | None, chosen_tokens_mean: float | None) -> losses.PairLogps:
     return losses.PairLogps(
         chosen=pol.chosen.logps,
         rejected=pol.rejected.logps,
         chosen_tokens=pol.chosen.tokens,
         rejected_tokens=pol.rejected.tokens,
-        ref_chosen=None if ref is None else ref.chosen.logps,
-        ref_rejected=None if ref is None else ref.rejected.logps,
+        ref_chosen=None if ref is None else ref.chosen,
+        ref_rejected=None if ref is None else ref.rejected,
         chosen_tokens_mean=chosen_tokens_mean,
     )
 
@@ -180,7 +196,7 @@ def pair_logps(pol: PairForward, ref: PairForward | None, chosen_tokens_mean: fl
 
 
 @torch.no_grad()
-def evaluate(model, reference, pairs, cfg, pad_id, device, autocast) -> dict[str, float]:
+def evaluate(model, ref_for: RefSource, pairs, cfg, pad_id, device, autocast) -> dict[str, float]:
     was_training = model.training
     model.eval()
     metrics = StepMetrics()
@@ -188,13 +204,13 @@ def evaluate(model, reference, pairs, cfg, pad_id, device, autocast) -> dict[str
     bs = cfg.training.per_device_eval_batch_size
     total_loss = 0.0
     for i in range(0, len(pairs), bs):
-        batch = collate_padded(pairs[i : i + bs], pad_id).to(device)
+        indices = list(range(i, min(i + bs, len(pairs))))
+        batch = collate_padded([pairs[j] for j in indices], pad_id).to(device)
         with autocast():
             pol = forward_padded(model, batch)
-        ref = reference_logps(reference, batch, autocast) if reference is not None else None
-        lp = pair_logps(pol, ref, tokens_mean)
+        lp = pair_logps(pol, ref_for(indices, batch), tokens_mean)
         total_loss += losses.combined_loss(lp, cfg.loss_types, cfg.loss.loss_weights, loss_params(cfg)).sum().item()
-        metrics.add_pairs(pol, ref, lp, cfg)
+        metrics.add_pairs(pol, lp, cfg)
     model.train(was_training)
     return {"eval_loss": total_loss / len(pairs), **metrics.means(prefix="eval_")}
 
@@ -272,6 +288,11 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
+def precision_name(cfg: TrainConfig) -> str:
+    amp = "bf16" if cfg.training.bf16 else "fp16" if cfg.training.fp16 else "none"
+    return f"weights={cfg.model.dtype}|autocast={amp}"
+
+
 def make_autocast(cfg: TrainConfig, device: torch.device):
     if cfg.training.bf16:
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -316,6 +337,27 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     scaler = torch.amp.GradScaler(device.type) if t.fp16 else None
     autocast = make_autocast(cfg, device)
 
+    # reference log-probs: once, cached on disk, instead of a reference forward every step
+    precompute = t.precompute_ref_log_probs if t.precompute_ref_log_probs is not None else need_ref
+    cached_train = cached_eval = None
+    reference_mode = "none" if reference is None else "on the fly"
+    if reference is not None and precompute:
+        ref_started = time.time()
+        cache_kwargs = dict(
+            pad_token_id=pad_id, batch_size=t.per_device_eval_batch_size, device=device, autocast=autocast,
+            precision=precision_name(cfg), cache_dir=preftune_home() / "ref_logps",
+            reference_fingerprint=fingerprint_reference(reference.model),
+        )  # fmt: skip
+        cached_train, hit = load_or_compute(reference, prepared.train, **cache_kwargs)
+        if prepared.eval:
+            cached_eval, _ = load_or_compute(reference, prepared.eval, **cache_kwargs)
+        reference_mode = f"cached ({'reused' if hit else 'computed'} in {time.time() - ref_started:.1f}s)"
+        if reference.frozen is not None:  # full fine-tuning: the frozen copy is no longer needed
+            reference = None
+            gc.collect()
+    train_ref = reference_source(reference, cached_train, autocast)
+    eval_ref = reference_source(reference, cached_eval, autocast)
+
     log_history: list[dict[str, Any]] = []
     start_step, tokens_seen, train_seconds = 0, 0, 0.0
     if checkpoint is not None:
@@ -335,7 +377,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
-    evaluate_now = lambda: evaluate(model, reference, prepared.eval, cfg, pad_id, device, autocast)  # noqa: E731
+    evaluate_now = lambda: evaluate(model, eval_ref, prepared.eval, cfg, pad_id, device, autocast)  # noqa: E731
     window = StepMetrics()
 
     # 3. the loop
@@ -343,14 +385,14 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     with progress:
         for step_index in range(start_step, total_steps):
             step_started = time.time()
-            micro_batches = [[prepared.train[i] for i in idx] for idx in schedule[step_index]]
-            step_pairs = sum(len(mb) for mb in micro_batches)
+            step_pairs = sum(len(idx) for idx in schedule[step_index])
             # mean chosen length over the whole step: token-mean losses stay exact under accumulation
-            chosen_tokens_mean = sum(len(p.chosen_ids) for mb in micro_batches for p in mb) / step_pairs
+            chosen_tokens_mean = sum(len(prepared.train[i].chosen_ids) for idx in schedule[step_index] for i in idx)
+            chosen_tokens_mean /= step_pairs
             step_loss = 0.0
-            for pairs in micro_batches:
-                batch = collate_padded(pairs, pad_id).to(device)
-                ref = reference_logps(reference, batch, autocast) if reference is not None else None
+            for indices in schedule[step_index]:
+                batch = collate_padded([prepared.train[i] for i in indices], pad_id).to(device)
+                ref = train_ref(indices, batch)
                 with autocast():
                     pol = forward_padded(model, batch)
                 lp = pair_logps(pol, ref, chosen_tokens_mean)
@@ -358,7 +400,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
                 loss = per_pair.sum() / step_pairs  # mean over the pairs of the optimizer step
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 step_loss += loss.item()
-                window.add_pairs(pol, ref, lp, cfg)
+                window.add_pairs(pol, lp, cfg)
                 window.tokens += batch.num_tokens
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -416,7 +458,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     summary = report.build_summary(
         cfg, log_history, prepared.stats, runtime=time.time() - started, train_seconds=train_seconds,
         tokens_seen=tokens_seen, peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device),
-        total_steps=total_steps, device=str(device),
+        total_steps=total_steps, device=str(device), reference_mode=reference_mode,
     )  # fmt: skip
     report.write_reports(out, log_history, summary)
     return summary

@@ -1,0 +1,102 @@
+"""Reference log-probs computed once and cached on disk.
+
+The reference model is frozen, so its log-probs of every pair are fixed for a run. Computing
+them up front removes the reference forward from every step (and, for full fine-tuning, the
+reference weights from memory). They are stored under ``$PREFTUNE_HOME/ref_logps/`` keyed by
+the reference weights, the token ids of the pairs (which carry the data and the tokenization
+settings) and the precision, so a sweep over beta or learning rate pays for them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from preftune.batching import collate_padded
+from preftune.forward import forward_padded
+from preftune.types import TokenizedPair
+
+CACHE_VERSION = 1  # bump when the log-prob computation changes
+
+
+@dataclass
+class RefLogps:
+    chosen: Tensor  # (B,) summed reference log-probs of the chosen completions
+    rejected: Tensor
+
+    def select(self, indices: list[int]) -> "RefLogps":
+        idx = torch.tensor(indices, dtype=torch.long)
+        return RefLogps(self.chosen[idx], self.rejected[idx])
+
+    def to(self, device) -> "RefLogps":
+        return RefLogps(self.chosen.to(device), self.rejected.to(device))
+
+
+def _update_tensor(h, tensor: Tensor) -> None:
+    flat = tensor.detach().contiguous().view(-1)
+    h.update(flat.view(torch.uint8).cpu().numpy().tobytes())
+
+
+def fingerprint_reference(model: nn.Module) -> str:
+    """Hash of the reference weights: names (LoRA wrappers stripped), dtypes, shapes and bytes.
+
+    For a PEFT model the reference is the adapter-disabled base, so LoRA tensors are skipped.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            continue
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        h.update(f"{name}|{param.dtype}|{tuple(param.shape)}".encode())
+        _update_tensor(h, param)
+    return h.hexdigest()
+
+
+def fingerprint_pairs(pairs: list[TokenizedPair]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in pairs:
+        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def compute_reference_logps(reference, pairs, pad_token_id, batch_size, device, autocast) -> RefLogps:
+    chosen, rejected = [], []
+    model = reference.model
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(pairs), batch_size):
+        batch = collate_padded(pairs[i : i + batch_size], pad_token_id).to(device)
+        with reference.context(), autocast():
+            out = forward_padded(model, batch)
+        chosen.append(out.chosen.logps.float().cpu())
+        rejected.append(out.rejected.logps.float().cpu())
+    model.train(was_training)
+    return RefLogps(torch.cat(chosen), torch.cat(rejected))
+
+
+def load_or_compute(
+    reference, pairs, *, pad_token_id, batch_size, device, autocast, precision: str, cache_dir: Path,
+    reference_fingerprint: str,
+) -> tuple[RefLogps, bool]:  # fmt: skip
+    """Cached reference log-probs of ``pairs``; returns (logps, cache_hit)."""
+    key = hashlib.blake2b(
+        f"v{CACHE_VERSION}|{reference_fingerprint}|{fingerprint_pairs(pairs)}|{precision}".encode(), digest_size=16
+    ).hexdigest()
+    path = cache_dir / f"{key}.safetensors"
+    if path.is_file():
+        blob = load_file(path)
+        if blob["chosen"].numel() == len(pairs):
+            return RefLogps(blob["chosen"], blob["rejected"]), True
+    logps = compute_reference_logps(reference, pairs, pad_token_id, batch_size, device, autocast)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"chosen": logps.chosen, "rejected": logps.rejected}, tmp)
+    tmp.replace(path)
+    return logps, False
