@@ -64,6 +64,11 @@ class DataConfig:
     max_length: int = doc("Maximum tokens of prompt + completion.", 1024)
     max_prompt_length: int | None = doc("Prompts longer than this are cut from the left first.", None)
     max_samples: int | None = doc("Use at most this many training pairs (after loading, before splitting).", None)
+    eval_prompts: str | None = doc(
+        "Held-out prompts (.txt, one per line, or .jsonl with 'prompt') for before/after answers in report.md "
+        "and for the collapse guard.",
+        None,
+    )
 
 
 @dataclass
@@ -113,6 +118,14 @@ class TrainingConfig:
         "(default: on whenever the loss needs a reference).",
         None,
     )
+    stop_on_collapse: bool = doc(
+        "Stop when the collapse guard fires and keep the last healthy weights as final/ (otherwise: warn).", False
+    )
+    collapse_max_logp_drop: float = doc(
+        "Collapse guard: the most nats per chosen token the policy may fall below the reference.", 1.0
+    )
+    guard_prompts: int = doc("Collapse guard: how many eval_prompts to answer at each check (0: none).", 4)
+    guard_max_new_tokens: int = doc("Collapse guard: answer length in tokens.", 48)
     device: str = doc("auto, cpu, cuda or cuda:N.", "auto")
     progress: bool = doc("Show a progress bar.", True)
 
@@ -304,14 +317,16 @@ def _validate(cfg: TrainConfig, where: str | None) -> None:
             f"'loss_weights' has {len(weights)} values but loss_type has {len(cfg.loss_types)}", where
         )
     positive = ["learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps", "max_length", "logging_steps", "beta", "lora_r", "lora_alpha"]  # fmt: skip
+                "gradient_accumulation_steps", "max_length", "logging_steps", "beta", "lora_r", "lora_alpha",
+                "collapse_max_logp_drop", "guard_max_new_tokens"]  # fmt: skip
     for key in positive:
         if flat[key] <= 0:
             raise PreftuneError(f"'{key}' must be > 0, got {flat[key]}", where)
     for key in ("eval_steps", "save_steps", "save_total_limit", "max_prompt_length", "max_samples"):
         if flat[key] is not None and flat[key] <= 0:
             raise PreftuneError(f"'{key}' must be > 0, got {flat[key]}", where)
-    nonneg = ["weight_decay", "warmup_steps", "max_grad_norm", "num_train_epochs", "lora_dropout", "adam_epsilon"]
+    nonneg = ["weight_decay", "warmup_steps", "max_grad_norm", "num_train_epochs", "lora_dropout", "adam_epsilon",
+              "guard_prompts"]  # fmt: skip
     for key in nonneg:
         if flat[key] < 0:
             raise PreftuneError(f"'{key}' must be >= 0, got {flat[key]}", where)
@@ -382,7 +397,7 @@ def _resolve(f) -> Any:
     raise KeyError(f.name)
 
 
-PATH_KEYS = ("train_file", "eval_file", "dataset_dir")
+PATH_KEYS = ("train_file", "eval_file", "dataset_dir", "eval_prompts")
 
 
 def _resolve_paths(sections: dict[str, dict[str, Any]], base_dir: Path) -> None:

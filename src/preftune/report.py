@@ -54,6 +54,9 @@ class Progress:
             )
         self.bar.update(self.task, completed=step, **fields)
 
+    def warn(self, message: str) -> None:
+        self.bar.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
     def print_eval(self, row: dict[str, Any]) -> None:
         if self.enabled:
             self.bar.console.print(

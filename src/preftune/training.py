@@ -41,6 +41,8 @@ from preftune.modeling import (
     save_final,
     trainable_state,
 )
+from preftune.generation import load_prompts
+from preftune.guard import CollapseGuard
 from preftune.refcache import RefLogps, fingerprint_reference, load_or_compute
 from preftune.templates import TokenizeStats, tokenize_pairs
 from preftune.types import TokenizedPair
@@ -356,6 +358,14 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
             reference = None
             gc.collect()
     train_ref = reference_source(reference, cached_train, autocast)
+    eval_prompts = load_prompts(cfg.data.eval_prompts) if cfg.data.eval_prompts else []
+    guard = CollapseGuard(
+        model, tokenizer, eval_prompts[: t.guard_prompts], max_logp_drop=t.collapse_max_logp_drop,
+        system_prompt=cfg.data.system_prompt, max_new_tokens=t.guard_max_new_tokens,
+    )  # fmt: skip
+    guard_every = t.eval_steps or max(1, total_steps // 10)
+    stopped: dict[str, Any] | None = None
+    guard_warnings: list[str] = []
     eval_ref = reference_source(reference, cached_eval, autocast)
 
     log_history: list[dict[str, Any]] = []
@@ -396,6 +406,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
                 with autocast():
                     pol = forward_padded(model, batch)
                 lp = pair_logps(pol, ref, chosen_tokens_mean)
+                guard.observe(pol.chosen.logps, lp.ref_chosen, pol.chosen.tokens)
                 per_pair = losses.combined_loss(lp, cfg.loss_types, cfg.loss.loss_weights, loss_params(cfg))
                 loss = per_pair.sum() / step_pairs  # mean over the pairs of the optimizer step
                 (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -444,6 +455,19 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
             if prepared.eval and t.eval_steps and step % t.eval_steps == 0 and step != total_steps:
                 log_history.append({**evaluate_now(), "epoch": round(step / steps_per_epoch, 4), "step": step})
                 progress.print_eval(log_history[-1])
+            if step % guard_every == 0 or step == total_steps:
+                verdict = guard.check(step)
+                if verdict.chosen_logp_drop is not None or guard.prompts:
+                    log_history.append(verdict.row())
+                if not verdict.healthy:
+                    message = f"collapse guard at step {step}: " + "; ".join(verdict.reasons)
+                    guard_warnings.append(message)
+                    progress.warn(message)
+                    if t.stop_on_collapse:
+                        kept = guard.restore_healthy()
+                        stopped = {"step": step, "reasons": verdict.reasons, "kept_step": kept}
+                        progress.warn(f"stop_on_collapse: stopped; final/ holds the weights of step {kept}")
+                        break
             if t.save_steps and step % t.save_steps == 0 and step != total_steps:
                 state = {"step": step, "log_history": log_history, "tokens_seen": tokens_seen,
                          "train_seconds": train_seconds}  # fmt: skip
@@ -451,15 +475,18 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
                 prune_checkpoints(out, t.save_total_limit)
 
     # 4. final evaluation, model and reports
+    last_step = total_steps if stopped is None else stopped["step"]
     if prepared.eval:
-        log_history.append({**evaluate_now(), "epoch": round(total_steps / steps_per_epoch, 4), "step": total_steps})
+        log_history.append({**evaluate_now(), "epoch": round(last_step / steps_per_epoch, 4), "step": last_step})
         progress.print_eval(log_history[-1])
     save_final(model, tokenizer, out, is_lora=cfg.model.finetuning_type == "lora")
     summary = report.build_summary(
         cfg, log_history, prepared.stats, runtime=time.time() - started, train_seconds=train_seconds,
         tokens_seen=tokens_seen, peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device),
-        total_steps=total_steps, device=str(device), reference_mode=reference_mode,
+        total_steps=last_step, device=str(device), reference_mode=reference_mode,
     )  # fmt: skip
+    summary["stopped_early"] = stopped
+    summary["guard_warnings"] = guard_warnings
     report.write_reports(out, log_history, summary)
     return summary
 
