@@ -64,6 +64,11 @@ class DataConfig:
     max_length: int = doc("Maximum tokens of prompt + completion.", 1024)
     max_prompt_length: int | None = doc("Prompts longer than this are cut from the left first.", None)
     max_samples: int | None = doc("Use at most this many training pairs (after loading, before splitting).", None)
+    generate: str | list[str] | None = doc(
+        "A `preftune generate` command line (without 'preftune generate') that builds train_file; run first, "
+        "from the config's directory, when train_file does not exist yet.",
+        None,
+    )
     eval_prompts: str | None = doc(
         "Held-out prompts (.txt, one per line, or .jsonl with 'prompt') for before/after answers in report.md "
         "and for the collapse guard.",
@@ -174,6 +179,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    base_dir: str | None = field(default=None, repr=False, compare=False)  # directory of the YAML, if any
 
     def to_flat(self) -> dict[str, Any]:
         flat: dict[str, Any] = {}
@@ -379,9 +386,11 @@ def from_dict(raw: dict[str, Any], where: str | None = None, base_dir: Path | No
     if isinstance(target, str) and target != "all":
         # LLaMA-Factory writes module lists as "q_proj,v_proj"
         sections["model"]["lora_target"] = [t.strip() for t in target.split(",") if t.strip()]
-    if base_dir is not None:
-        _resolve_paths(sections, base_dir)
+    # relative paths: from the YAML's directory (or the working directory), saved absolute
+    base_dir = base_dir if base_dir is not None else Path.cwd()
+    _resolve_paths(sections, base_dir)
     cfg = TrainConfig(**{name: SECTIONS[name](**values) for name, values in sections.items()})
+    cfg.base_dir = str(base_dir)
     _validate(cfg, where)
     return cfg
 
@@ -403,12 +412,11 @@ PATH_KEYS = ("train_file", "eval_file", "dataset_dir", "eval_prompts")
 def _resolve_paths(sections: dict[str, dict[str, Any]], base_dir: Path) -> None:
     """Relative data paths in a YAML file are relative to the file's directory when they exist there."""
     data = sections["data"]
+    data.setdefault("dataset_dir", DataConfig.dataset_dir)
     for key in PATH_KEYS:
         value = data.get(key)
         if isinstance(value, str) and not Path(value).is_absolute():
-            candidate = base_dir / value
-            if not Path(value).exists() and candidate.exists():
-                data[key] = str(candidate)
+            data[key] = str(Path(value).resolve() if Path(value).exists() else base_dir / value)
     model = sections["model"]
     for key in ("model_name_or_path", "ref_model_name_or_path"):
         value = model.get(key)
@@ -455,7 +463,8 @@ def load_config(
 ) -> TrainConfig:
     """A config from a YAML path, a flat dict or a TrainConfig, with ``key=value`` overrides applied."""
     if isinstance(source, TrainConfig):
-        raw, where, base_dir = source.to_flat(), None, None
+        raw, where = source.to_flat(), None
+        base_dir = Path(source.base_dir) if source.base_dir else None
     elif isinstance(source, dict):
         raw, where, base_dir = dict(source), None, None
     else:

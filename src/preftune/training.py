@@ -13,7 +13,10 @@ import json
 import math
 import random
 import resource
+import shlex
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -278,6 +281,20 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
 # ---------------------------------------------------------------- the run
 
 
+def run_generate_step(cfg: TrainConfig) -> None:
+    """A recipe's `generate:` line builds train_file when it does not exist yet."""
+    step = cfg.data.generate
+    if not step or cfg.data.train_file is None or Path(cfg.data.train_file).exists():
+        return
+    args = shlex.split(step) if isinstance(step, str) else [str(a) for a in step]
+    report.console.print(f"{cfg.data.train_file} does not exist yet: preftune generate {shlex.join(args)}")
+    cmd = [sys.executable, "-m", "preftune.cli", "generate", *args]
+    if subprocess.run(cmd, cwd=cfg.base_dir or None).returncode != 0:
+        raise PreftuneError(f"the generate step failed: preftune generate {shlex.join(args)}")
+    if not Path(cfg.data.train_file).exists():
+        raise PreftuneError(f"the generate step did not write train_file {cfg.data.train_file}")
+
+
 def check_output_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.training.output_dir)
     finished = (out / "summary.json").exists() or (out / "final").exists()
@@ -317,6 +334,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
 
     # 1. data (all user mistakes surface here, before anything is written)
     out = check_output_dir(cfg)
+    run_generate_step(cfg)
     checkpoint = find_checkpoint(cfg)
     model_path = resolve_model_path(cfg.model.model_name_or_path)
     tokenizer = load_tokenizer(cfg.model, model_path)
