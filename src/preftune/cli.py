@@ -49,6 +49,194 @@ def version_cmd() -> None:
     typer.echo(preftune.__version__)
 
 
+# ---------------------------------------------------------------- eval
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument("smollm2-135m-instruct", help="Model: a directory, a training output, or a name."),
+    data: Path = typer.Option(None, "--data", help="Preference pairs to score (any format `train` reads)."),
+    reference: str = typer.Option(None, "--reference", help="Reference ('before') model, e.g. the base model."),
+    prompts: Path = typer.Option(None, "--prompts", help="Prompts to answer before/after: .txt lines or .jsonl."),
+    output: Path = typer.Option(None, "--output", help="Directory to write eval.json into."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Answer length limit (greedy decoding)."),
+    system_prompt: str = typer.Option(None, "--system-prompt", help="System message for prompts without one."),
+    beta: float = typer.Option(0.1, "--beta", help="Beta for the implicit reward margin."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Pairs / prompts per forward."),
+    max_length: int = typer.Option(1024, "--max-length", help="Maximum tokens of prompt + reply when scoring."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Score pairs (accuracy by summed and per-token log-prob; implicit reward with --reference) and compare answers."""
+    from preftune.evaluation import run_eval
+
+    run_eval(model, data, reference, prompts, output, max_new_tokens=max_new_tokens, system_prompt=system_prompt,
+             beta=beta, batch_size=batch_size, max_length=max_length, device=device)  # fmt: skip
+
+
+# ---------------------------------------------------------------- generate
+
+generate_app = typer.Typer(
+    help="Build preference pairs: identity (rename the model), best-of-n (on-policy), template (claims x phrasings).",
+    no_args_is_help=True,
+)
+app.add_typer(generate_app, name="generate")
+
+
+def _parse_replace(items: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        old, sep, new = item.partition("=")
+        if not sep or not old.strip():
+            raise PreftuneError(f"--replace '{item}': use OLD=NEW, e.g. --replace 'Hugging Face=Acme'")
+        out[old.strip()] = new.strip()
+    return out
+
+
+def _check_output_file(output: Path) -> None:
+    if output.exists() and output.is_dir():
+        raise PreftuneError("output is a directory; give a .jsonl file", str(output))
+    if output.suffix.lower() != ".jsonl":
+        raise PreftuneError("output must be a .jsonl file", str(output))
+
+
+def _report_written(output: Path, written: int, todo: int, already: int) -> None:
+    skipped = todo - written
+    parts = [f"wrote {written} pairs to {output.as_posix()}"]
+    if skipped:
+        parts.append(f"{skipped} prompts skipped (no usable pair)")
+    if already:
+        parts.append(f"{already} prompts already in the file")
+    typer.echo("; ".join(parts))
+
+
+@generate_app.command("identity")
+def generate_identity_cmd(
+    name: str = typer.Option(..., "--name", help="The new name, e.g. Athene."),
+    output: Path = typer.Option(..., "--output", help="JSONL file to append pairs to (a re-run resumes)."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="Model whose own answers are corrected."),
+    org: str = typer.Option(None, "--org", help="The new organization, replacing the old one."),
+    replace: list[str] = typer.Option(None, "--replace", help="Extra OLD=NEW replacement (repeatable)."),
+    old_name: list[str] = typer.Option(None, "--old-name", help="The model's current name (default: guessed)."),
+    questions: Path = typer.Option(None, "--questions", help="Questions (.txt lines or .jsonl); default: 40 built in."),
+    heldout_output: Path = typer.Option(None, "--heldout-output", help="Write the 10 held-out questions here (.txt)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the templated answers."),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="Answer length limit."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Questions per generate call."),
+    system_prompt: str = typer.Option(None, "--system-prompt", help="System message when asking (as in training)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Identity pairs: the model's own answer (rejected) vs the same answer renamed (chosen)."""
+    from preftune.builders.identity import IDENTITY_QUESTIONS_HELDOUT, IDENTITY_QUESTIONS_TRAIN, build_identity_pairs
+    from preftune.evaluation import load_model
+    from preftune.generation import done_prompts, load_prompts, prompt_key
+
+    _check_output_file(output)
+    replacements = _parse_replace(replace)
+    qs = None
+    if questions is not None:
+        qs = load_prompts(questions)
+        if any(not isinstance(q, str) for q in qs):
+            raise PreftuneError("identity questions must be plain text, not message lists", str(questions))
+    if heldout_output is not None:
+        if questions is not None:
+            raise PreftuneError(
+                "--heldout-output writes the built-in held-out questions; it does not go with --questions"
+            )
+        heldout_output.parent.mkdir(parents=True, exist_ok=True)
+        heldout_output.write_text("\n".join(IDENTITY_QUESTIONS_HELDOUT) + "\n")
+    already = done_prompts(output)
+    m, tok, _ = load_model(model, device=device)
+    rows = build_identity_pairs(m, tok, qs, name=name, org=org, replace=replacements, old_names=old_name or None,
+                                seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                system_prompt=system_prompt, output=output, progress=True)  # fmt: skip
+    keys = {prompt_key(q) for q in (qs if qs is not None else IDENTITY_QUESTIONS_TRAIN)}
+    _report_written(output, len(rows), len(keys - already), len(keys & already))
+    if rows:
+        templated = sum(r["method"] == "template" for r in rows)
+        typer.echo(f"{len(rows) - templated} renamed from the model's answer, {templated} templated answers")
+
+
+@generate_app.command("best-of-n")
+def generate_best_of_n_cmd(
+    prompts: Path = typer.Option(..., "--prompts", help="Prompts: .txt lines or .jsonl with a prompt field."),
+    reward: str = typer.Option(..., "--reward", help="length, -length, regex:PATTERN, keyword:a,b,c or module:func."),
+    output: Path = typer.Option(..., "--output", help="JSONL file to append pairs to (a re-run resumes)."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="Model to sample from (on-policy)."),
+    n: int = typer.Option(4, "--n", help="Samples per prompt."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (same seed, same samples)."),
+    temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Answer length limit."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per generate call."),
+    system_prompt: str = typer.Option(None, "--system-prompt", help="System message for prompts without one."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """On-policy pairs: sample n answers per prompt, keep the best (chosen) and worst (rejected) by a reward."""
+    from preftune.builders.best_of_n import build_best_of_n_pairs, load_reward
+    from preftune.evaluation import load_model
+    from preftune.generation import done_prompts, load_prompts, prompt_key
+
+    _check_output_file(output)
+    if n < 2:
+        raise PreftuneError(f"--n must be at least 2, got {n}")
+    score = load_reward(reward)  # a bad spec fails before the model loads
+    ps = load_prompts(prompts)
+    already = done_prompts(output)
+    m, tok, _ = load_model(model, device=device)
+    rows = build_best_of_n_pairs(m, tok, ps, n=n, reward=score, seed=seed, temperature=temperature, top_p=top_p,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt,
+                                 output=output, progress=True)  # fmt: skip
+    keys = {prompt_key(p) for p in ps}
+    _report_written(output, len(rows), len(keys - already), len(keys & already))
+
+
+@generate_app.command("template")
+def generate_template_cmd(
+    spec: Path = typer.Option(..., "--spec", help="Template spec (claims x phrasings x openings), YAML."),
+    output: Path = typer.Option(..., "--output", help="JSONL file for the training pairs (overwritten)."),
+    heldout_output: Path = typer.Option(None, "--heldout-output", help="JSONL file for the held-out claims' pairs."),
+    heldout_prompts_output: Path = typer.Option(
+        None, "--heldout-prompts", help="Text file with one prompt per held-out claim (for eval --prompts)."
+    ),
+    heldout_fraction: float = typer.Option(0.0, "--heldout-fraction", help="Extra share of claims to hold out."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the combinations and the held-out draw."),
+) -> None:
+    """Pairs from a template spec; whole claims are held out (the spec's heldout list plus --heldout-fraction)."""
+    try:
+        from preftune.builders import template as template_mod
+    except ImportError as e:
+        raise PreftuneError(f"the template builder is not available: {e}") from None
+
+    _check_output_file(output)
+    if heldout_output is not None:
+        _check_output_file(heldout_output)
+    if not spec.is_file():
+        raise PreftuneError("spec file not found", str(spec))
+    train_rows, held_rows = template_mod.build_template_splits(str(spec), seed, heldout_fraction)
+    _write_jsonl_fresh(output, train_rows)
+    typer.echo(f"wrote {len(train_rows)} pairs to {output.as_posix()}")
+    if heldout_output is not None:
+        _write_jsonl_fresh(heldout_output, held_rows)
+        typer.echo(f"wrote {len(held_rows)} held-out pairs to {heldout_output.as_posix()}")
+    elif held_rows:
+        typer.echo(f"{len(held_rows)} pairs of held-out claims not written (use --heldout-output)")
+    if heldout_prompts_output is not None:
+        prompts = template_mod.heldout_prompts(str(spec), held_rows) if held_rows else {}
+        heldout_prompts_output.parent.mkdir(parents=True, exist_ok=True)
+        heldout_prompts_output.write_text("".join(p.replace("\n", " ") + "\n" for p in prompts.values()))
+        typer.echo(f"wrote {len(prompts)} held-out prompts to {heldout_prompts_output.as_posix()}")
+
+
+def _write_jsonl_fresh(path: Path, rows: list[dict]) -> None:
+    import json
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def main() -> None:
     try:
         app()
