@@ -46,7 +46,8 @@ def write_run(tmp_path, model_dir, **extra):
 
 
 def test_train_writes_every_artifact(tiny_model_dir, tmp_path):
-    config = write_run(tmp_path, tiny_model_dir)
+    (tmp_path / "prompts.txt").write_text("Who are you?\nWhat is the capital of Spain?\n")
+    config = write_run(tmp_path, tiny_model_dir, eval_prompts="prompts.txt", eval_max_new_tokens=8)
     result = run_cli("train", str(config), "beta=0.2")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
@@ -67,6 +68,11 @@ def test_train_writes_every_artifact(tiny_model_dir, tmp_path):
     assert (out / "checkpoints" / "step-2" / "trainable.safetensors").is_file()
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert not list(out.glob(".*tmp"))
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert set(evaluation["scores"]["policy"]) >= {"accuracy_sum", "accuracy_mean"}
+    assert [row["prompt"] for row in evaluation["generations"]] == ["Who are you?", "What is the capital of Spain?"]
+    report = (out / "report.md").read_text()
+    assert "Who are you?" in report and "accuracy" in report
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -131,6 +131,7 @@ class TrainingConfig:
     )
     guard_prompts: int = doc("Collapse guard: how many eval_prompts to answer at each check (0: none).", 4)
     guard_max_new_tokens: int = doc("Collapse guard: answer length in tokens.", 48)
+    eval_max_new_tokens: int = doc("Length of the before/after answers to eval_prompts in report.md.", 96)
     device: str = doc("auto, cpu, cuda or cuda:N.", "auto")
     progress: bool = doc("Show a progress bar.", True)
 
@@ -325,7 +326,7 @@ def _validate(cfg: TrainConfig, where: str | None) -> None:
         )
     positive = ["learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "max_length", "logging_steps", "beta", "lora_r", "lora_alpha",
-                "collapse_max_logp_drop", "guard_max_new_tokens"]  # fmt: skip
+                "collapse_max_logp_drop", "guard_max_new_tokens", "eval_max_new_tokens"]  # fmt: skip
     for key in positive:
         if flat[key] <= 0:
             raise PreftuneError(f"'{key}' must be > 0, got {flat[key]}", where)

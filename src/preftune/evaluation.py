@@ -48,7 +48,7 @@ from preftune.errors import PreftuneError
 from preftune.generation import degeneration, generate_completions, load_prompts, prompt_text
 from preftune.types import PreferencePair
 
-__all__ = ["compare_generations", "load_model", "pair_scores", "report_markdown", "run_eval"]
+__all__ = ["compare_generations", "load_model", "pair_scores", "print_tables", "report_markdown", "run_eval"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def report_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _print_tables(result: dict[str, Any], console: Any) -> None:
+def print_tables(result: dict[str, Any], console: Any) -> None:
     from rich.table import Table
     from rich.text import Text
 
@@ -496,7 +496,7 @@ def run_eval(
     if prompts is not None:
         result["generations"] = compare_generations(model, reference, tokenizer, prompts, system_prompt=system_prompt,
                                                     max_new_tokens=max_new_tokens, batch_size=batch_size)  # fmt: skip
-    _print_tables(result, console)
+    print_tables(result, console)
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from preftune.forward import PairForward, forward_padded
 from preftune.modeling import (
     Reference,
     build_policy_and_reference,
+    load_causal_lm,
     load_tokenizer,
     load_trainable_state,
     preftune_home,
@@ -43,12 +44,13 @@ from preftune.modeling import (
     resolve_model_path,
     save_final,
     trainable_state,
+    weight_dtype,
 )
 from preftune.generation import load_prompts
 from preftune.guard import CollapseGuard
 from preftune.refcache import RefLogps, fingerprint_reference, load_or_compute
 from preftune.templates import TokenizeStats, tokenize_pairs
-from preftune.types import TokenizedPair
+from preftune.types import PreferencePair, TokenizedPair
 
 METRIC_KEYS = (
     "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -64,6 +66,7 @@ class PreparedData:
     train: list[TokenizedPair]
     eval: list[TokenizedPair]
     stats: dict[str, Any]
+    eval_pairs: list[PreferencePair]  # untokenized, for the final report
 
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
@@ -89,7 +92,7 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
             f"truncation (max_length={d.max_length}), {train_stats.dropped_identical} with chosen == rejected"
         )
     stats = {"train": vars(train_stats), "eval": vars(eval_stats)}
-    return PreparedData(train, evals, stats)
+    return PreparedData(train, evals, stats, eval_pairs)
 
 
 def build_schedule(num_pairs: int, cfg: TrainConfig) -> tuple[list[list[list[int]]], int]:
@@ -498,6 +501,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
         log_history.append({**evaluate_now(), "epoch": round(last_step / steps_per_epoch, 4), "step": last_step})
         progress.print_eval(log_history[-1])
     save_final(model, tokenizer, out, is_lora=cfg.model.finetuning_type == "lora")
+    final_report(cfg, model, reference, tokenizer, prepared.eval_pairs, eval_prompts, model_path, device, out)
     summary = report.build_summary(
         cfg, log_history, prepared.stats, runtime=time.time() - started, train_seconds=train_seconds,
         tokens_seen=tokens_seen, peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device),
@@ -507,6 +511,40 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     summary["guard_warnings"] = guard_warnings
     report.write_reports(out, log_history, summary)
     return summary
+
+
+def final_report(cfg, model, reference, tokenizer, eval_pairs, eval_prompts, model_path, device, out) -> None:
+    """Held-out pair accuracies and before/after answers of the original and the trained model:
+    printed, and written to eval.json and report.md."""
+    from preftune import evaluation
+
+    if not eval_pairs and not eval_prompts:
+        return
+    if cfg.model.finetuning_type == "lora":
+        before = Reference(model, None)  # the adapter-disabled policy is the original model
+    elif reference is not None:
+        before = reference.model
+    else:  # the frozen copy was dropped after caching its log-probs: load the original again
+        before = load_causal_lm(model_path, cfg.model, weight_dtype(cfg.model, device), device).eval()
+    model.eval()
+    result: dict[str, Any] = {"model": str(out / "final"), "reference": cfg.model.model_name_or_path}
+    if eval_pairs:
+        result["data"] = cfg.data.eval_file or f"eval_split {cfg.data.eval_split}"
+        result["scores"] = evaluation.pair_scores(
+            model, tokenizer, eval_pairs, reference=before, system_prompt=cfg.data.system_prompt,
+            max_length=cfg.data.max_length, beta=cfg.loss.beta, batch_size=cfg.training.per_device_eval_batch_size,
+        )  # fmt: skip
+    if eval_prompts:
+        result["prompts"] = cfg.data.eval_prompts
+        result["generations"] = evaluation.compare_generations(
+            model, before, tokenizer, eval_prompts, system_prompt=cfg.data.system_prompt,
+            max_new_tokens=cfg.training.eval_max_new_tokens,
+        )  # fmt: skip
+    result["settings"] = {"beta": cfg.loss.beta, "max_new_tokens": cfg.training.eval_max_new_tokens}
+    (out / "eval.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "report.md").write_text(evaluation.report_markdown(result))
+    if cfg.training.progress:
+        evaluation.print_tables(result, report.console)
 
 
 def peak_rss_mb() -> float:
