@@ -18,13 +18,6 @@ from preftune.templates import tokenize_pair
 from preftune.types import PreferencePair
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and do not fight other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 PAIRS = [
     PreferencePair("What is the capital of Spain?", "Madrid is the capital of Spain.", "Paris.", "p:1"),

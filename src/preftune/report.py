@@ -53,6 +53,13 @@ class Progress:
                 acc=f"{row['rewards/accuracies']:.2f}",
             )
         self.bar.update(self.task, completed=step, **fields)
+        if row is not None and self.enabled and not self.bar.console.is_terminal:
+            # no live bar in a log file: one line per logged step instead
+            self.bar.console.print(
+                f"step {step}/{self.bar.tasks[0].total}: loss {fields['loss']}  margin {fields['margin']}  "
+                f"accuracy {fields['acc']}",
+                highlight=False,
+            )
 
     def warn(self, message: str) -> None:
         self.bar.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
