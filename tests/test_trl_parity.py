@@ -59,7 +59,7 @@ def run_trl(model, tokenizer, tmp_path):
     return [row for row in trainer.state.log_history if "loss" in row]
 
 
-def run_preftune(model_dir, tmp_path):
+def run_preftune(model_dir, tmp_path, fast_path=True):
     from preftune import train
 
     data = tmp_path / "pairs.jsonl"
@@ -80,20 +80,31 @@ def run_preftune(model_dir, tmp_path):
             "output_dir": str(tmp_path / "preftune"),
             "progress": False,
             "seed": 0,
+            "fast_path": fast_path,
+            # TRL computes the reference on the fly; so do we here (at step 1 policy == reference exactly)
+            "precompute_ref_log_probs": False,
         }
     )
-    return json.loads((tmp_path / "preftune" / "log_history.json").read_text())
+    history = json.loads((tmp_path / "preftune" / "log_history.json").read_text())
+    return [row for row in history if "loss" in row]
 
 
-def test_first_three_steps_match_trl(tmp_path):
+@pytest.fixture(scope="module")
+def trl_rows(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("trl")
     model_dir = tiny.save_tiny(tmp_path / "model", chat_template=False)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    theirs = run_trl(model, tokenizer, tmp_path)
-    ours = run_preftune(model_dir, tmp_path)
-    assert len(theirs) == 3 and len([r for r in ours if "loss" in r]) == 3
+    return model_dir, run_trl(model, tokenizer, tmp_path)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "padded"])
+def test_first_three_steps_match_trl(trl_rows, tmp_path, fast_path):
+    model_dir, theirs = trl_rows
+    ours = run_preftune(model_dir, tmp_path, fast_path)
+    assert len(theirs) == 3 and len(ours) == 3
     for step, (a, b) in enumerate(zip(theirs, ours), start=1):
         for key in COMPARED:
             assert b[key] == pytest.approx(a[key], abs=1e-4), f"step {step} {key}: preftune {b[key]} vs TRL {a[key]}"

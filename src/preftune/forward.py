@@ -51,14 +51,20 @@ def forward_padded(model: nn.Module, batch: PaddedBatch) -> PairForward:
 # What it needs, and what happens otherwise (``fast_path_mode`` says which path a model gets):
 #   FAST                both of the below, and the head is plain: logits == lm_head(body(x))
 #   PACKED_FULL_LOGITS  the attention takes a custom 4-D mask, but the head does more than
-#                       lm_head (final-logit softcapping, logit scaling, ...): packed rows
-#                       through the whole model, full logits of the packed rows, then gather
+#                       lm_head (a config field in _HEAD_EXTRAS: final-logit softcapping, logit
+#                       scaling; or the probe saw a difference): packed rows through the whole
+#                       model, full logits (R, L, V) of the packed rows, then gather
 #   PADDED              anything else -> forward_padded: attention other than sdpa/eager
 #                       (flash/flex ignore or reject a dense 4-D mask), chunked attention,
 #                       PEFT prompt learning (virtual tokens), a sliding window shorter than a
 #                       pair's longest sequence, or a model that failed the probe.
-# The probe runs once per model: a few synthetic pairs through the padded path and the fast
-# variants, in eval mode, without autocast; the first variant that agrees is used from then on.
+# The probe runs once per model (and attention implementation): 3 synthetic pairs through the
+# padded path and the fast variants, in eval mode, without autocast; the first variant that
+# agrees is used from then on. It catches heads and attention quirks no config field names.
+#
+# Cost note: sdpa/eager do the full L x L attention work of a row whatever the mask, so a row
+# of k pairs pays k^2 times one pair's attention; hence the default row budget (None) is the
+# longest pair, see packing.plan_rows and bench/fastpath_micro.py.
 
 FAST = "fast"
 PACKED_FULL_LOGITS = "packed_full_logits"
@@ -80,8 +86,9 @@ def forward_fast(
 ) -> PairForward:
     """Per-pair completion log-probs (same order as ``pairs``) from packed shared-prompt rows.
 
-    ``max_tokens_per_row`` caps the tokens of a row (None: all pairs in one row; a pair longer
-    than the cap gets a row of its own). ``chunk_size`` is how many positions go through the LM
+    ``max_tokens_per_row`` caps the tokens of a row (None: the longest pair's P + C + R, so
+    shorter pairs only fill what would be padding; a pair longer than the cap gets a row of its
+    own; a huge value puts every pair in one row). ``chunk_size`` is how many positions go through the LM
     head at once; with more than one chunk and gradients on, each chunk's logits are recomputed
     in backward instead of kept, so at most one (chunk_size, V) block of logits is alive.
     """
@@ -89,7 +96,7 @@ def forward_fast(
     mode = fast_path_mode(model, pairs)
     if mode == PADDED:
         return forward_padded(model, collate_padded(pairs, pad_token_id).to(device))
-    packed = pack_pairs(pairs, pad_token_id=pad_token_id, max_tokens_per_row=max_tokens_per_row).to(device)
+    packed = pack_pairs(pairs, pad_token_id=pad_token_id, max_tokens_per_row=max_tokens_per_row, device=device)
     return forward_packed(model, packed, full_logits=mode == PACKED_FULL_LOGITS, chunk_size=chunk_size)
 
 
@@ -177,6 +184,16 @@ def unsupported_reason(model: nn.Module) -> str | None:
 # ---------------------------------------------------------------- helpers
 
 
+def head_extra(config) -> str | None:
+    """The config field that says logits != lm_head(hidden) (softcapping, scaling), if any."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in _HEAD_EXTRAS:
+        value = getattr(text, name, None)
+        if value is not None and value != 1:
+            return name
+    return None
+
+
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
     """(causal LM, its decoder body, its LM head); PEFT wrappers are looked through."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -254,9 +271,9 @@ def _probe(model: nn.Module) -> str:
     try:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             ref = forward_padded(model, collate_padded(pairs, 0).to(device))
-            packed = pack_pairs(pairs, pad_token_id=0, max_tokens_per_row=10).to(device)
-            candidates = [(FAST, False), (PACKED_FULL_LOGITS, True)] if decoder is not None and head is not None else []
-            candidates = candidates + ([] if candidates else [(PACKED_FULL_LOGITS, True)])
+            packed = pack_pairs(pairs, pad_token_id=0, max_tokens_per_row=10, device=device)
+            plain_head = decoder is not None and head is not None and head_extra(base.config) is None
+            candidates = ([(FAST, False)] if plain_head else []) + [(PACKED_FULL_LOGITS, True)]
             for mode, full in candidates:
                 try:
                     out = forward_packed(model, packed, full_logits=full, chunk_size=4)

@@ -79,13 +79,17 @@ def packed_token_count(pairs: list[TokenizedPair]) -> int:
 def plan_rows(lengths: list[int], max_tokens_per_row: int | None) -> list[list[int]]:
     """Group segment indices into rows of at most ``max_tokens_per_row`` tokens.
 
-    ``None`` puts everything in one row. Otherwise first-fit decreasing; a segment longer than
-    the budget gets a row of its own (pairs are never split). Indices within a row are sorted.
+    First-fit decreasing; a segment longer than the budget gets a row of its own (pairs are
+    never split). Indices within a row are sorted. ``None`` means the longest segment: rows are
+    never longer than the longest pair, shorter pairs share rows to fill what would be padding.
+    That default is deliberate: sdpa/eager do the full L x L attention work of a row whatever
+    the mask, so a row of k pairs pays about k^2 times one pair's attention, which can cost more
+    than the padding it saves (bench/fastpath_micro.py). Pass a larger budget to pack harder.
     """
     if not lengths:
         return []
     if max_tokens_per_row is None:
-        return [list(range(len(lengths)))]
+        max_tokens_per_row = max(lengths)
     if max_tokens_per_row < 1:
         raise ValueError(f"max_tokens_per_row must be positive, got {max_tokens_per_row}")
     rows: list[list[int]] = []
@@ -103,9 +107,16 @@ def plan_rows(lengths: list[int], max_tokens_per_row: int | None) -> list[list[i
 
 
 def pack_pairs(
-    pairs: list[TokenizedPair], *, pad_token_id: int, max_tokens_per_row: int | None = None
+    pairs: list[TokenizedPair],
+    *,
+    pad_token_id: int,
+    max_tokens_per_row: int | None = None,
+    device: torch.device | str | None = None,
 ) -> PackedRows:
-    """Lay the pairs out as shared-prompt segments in as few rows as the budget allows."""
+    """Lay the pairs out as shared-prompt segments in as few rows as the budget allows.
+
+    The (R, 1, L, L) mask is built on ``device`` (default CPU), so it never crosses the bus.
+    """
     if not pairs:
         raise ValueError("pack_pairs needs at least one pair")
     b = len(pairs)
@@ -148,20 +159,22 @@ def pack_pairs(
                 seq.append(b + i)
             o += n
 
-    q = torch.arange(width)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    segment, branch = segment.to(device), branch.to(device)
+    q = torch.arange(width, device=device)
     causal = q[None, :, None] >= q[None, None, :]  # (1, L, L): key index <= query index
     same_segment = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
     branch_q, branch_k = branch[:, :, None], branch[:, None, :]
     visible_branch = (branch_k == 0) | (branch_k == branch_q)  # the prompt, or the query's own answer
     allowed = causal & same_segment & visible_branch
-    allowed |= torch.eye(width, dtype=torch.bool)[None]  # padding attends to itself: no empty softmax rows
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]  # padding sees itself: no empty softmax rows
     return PackedRows(
-        input_ids=input_ids,
-        position_ids=position_ids,
+        input_ids=input_ids.to(device),
+        position_ids=position_ids.to(device),
         attention_mask=allowed[:, None],  # (R, 1, L, L)
-        pred_index=torch.tensor(pred, dtype=torch.long),
-        target_ids=torch.tensor(target, dtype=torch.long),
-        seq_index=torch.tensor(seq, dtype=torch.long),
+        pred_index=torch.tensor(pred, dtype=torch.long, device=device),
+        target_ids=torch.tensor(target, dtype=torch.long, device=device),
+        seq_index=torch.tensor(seq, dtype=torch.long, device=device),
         num_pairs=b,
         num_tokens=packed_token_count(pairs),
     )

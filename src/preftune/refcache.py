@@ -18,8 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from preftune.batching import collate_padded
-from preftune.forward import forward_padded
 from preftune.types import TokenizedPair
 
 CACHE_VERSION = 1  # bump when the log-prob computation changes
@@ -66,15 +64,15 @@ def fingerprint_pairs(pairs: list[TokenizedPair]) -> str:
 
 
 @torch.no_grad()
-def compute_reference_logps(reference, pairs, pad_token_id, batch_size, device, autocast) -> RefLogps:
+def compute_reference_logps(reference, pairs, forward, batch_size, autocast) -> RefLogps:
+    """``forward(model, pairs) -> PairForward`` is the trainer's forward (fast or padded path)."""
     chosen, rejected = [], []
     model = reference.model
     was_training = model.training
     model.eval()
     for i in range(0, len(pairs), batch_size):
-        batch = collate_padded(pairs[i : i + batch_size], pad_token_id).to(device)
         with reference.context(), autocast():
-            out = forward_padded(model, batch)
+            out = forward(model, pairs[i : i + batch_size])
         chosen.append(out.chosen.logps.float().cpu())
         rejected.append(out.rejected.logps.float().cpu())
     model.train(was_training)
@@ -82,7 +80,7 @@ def compute_reference_logps(reference, pairs, pad_token_id, batch_size, device, 
 
 
 def load_or_compute(
-    reference, pairs, *, pad_token_id, batch_size, device, autocast, precision: str, cache_dir: Path,
+    reference, pairs, *, forward, batch_size, autocast, precision: str, cache_dir: Path,
     reference_fingerprint: str,
 ) -> tuple[RefLogps, bool]:  # fmt: skip
     """Cached reference log-probs of ``pairs``; returns (logps, cache_hit)."""
@@ -94,7 +92,7 @@ def load_or_compute(
         blob = load_file(path)
         if blob["chosen"].numel() == len(pairs):
             return RefLogps(blob["chosen"], blob["rejected"]), True
-    logps = compute_reference_logps(reference, pairs, pad_token_id, batch_size, device, autocast)
+    logps = compute_reference_logps(reference, pairs, forward, batch_size, autocast)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({"chosen": logps.chosen, "rejected": logps.rejected}, tmp)

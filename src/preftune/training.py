@@ -29,10 +29,10 @@ from torch import nn
 
 from preftune import data as data_mod
 from preftune import losses, report
-from preftune.batching import PaddedBatch, collate_padded
+from preftune.batching import collate_padded
 from preftune.config import TrainConfig, load_config
 from preftune.errors import PreftuneError
-from preftune.forward import PairForward, forward_padded
+from preftune.forward import PairForward, forward_fast, forward_padded
 from preftune.modeling import (
     Reference,
     build_policy_and_reference,
@@ -119,22 +119,37 @@ def build_schedule(num_pairs: int, cfg: TrainConfig) -> tuple[list[list[list[int
 # ---------------------------------------------------------------- forward
 
 
-RefSource = Callable[[list[int], PaddedBatch], RefLogps | None]  # (pair indices, batch) -> reference log-probs
+Forward = Callable[[nn.Module, list[TokenizedPair]], PairForward]
+RefSource = Callable[[list[int], list[TokenizedPair]], RefLogps | None]  # (pair indices, pairs) -> reference
 
 
-def reference_source(reference: Reference | None, cached: RefLogps | None, autocast) -> RefSource:
+def make_forward(cfg: TrainConfig, pad_id: int, device: torch.device) -> Forward:
+    """The fast path (shared prompt, packed rows, chunked LM head) or the simple padded one."""
+    if cfg.training.fast_path:
+        rows = cfg.training.max_tokens_per_row
+        return lambda model, pairs: forward_fast(model, pairs, pad_token_id=pad_id, max_tokens_per_row=rows)
+    return lambda model, pairs: forward_padded(model, collate_padded(pairs, pad_id).to(device))
+
+
+def reference_source(reference: Reference | None, cached: RefLogps | None, forward: Forward, autocast,
+                     device: torch.device) -> RefSource:  # fmt: skip
     """Where the reference log-probs of a batch come from: the cache, a forward, or nowhere."""
     if cached is not None:
-        return lambda indices, batch: cached.select(indices).to(batch.input_ids.device)
+        return lambda indices, pairs: cached.select(indices).to(device)
     if reference is None:
-        return lambda indices, batch: None
+        return lambda indices, pairs: None
 
-    def on_the_fly(indices: list[int], batch: PaddedBatch) -> RefLogps:
+    def on_the_fly(indices: list[int], pairs: list[TokenizedPair]) -> RefLogps:
         with torch.no_grad(), reference.context(), autocast():
-            out = forward_padded(reference.model, batch)
+            out = forward(reference.model, pairs)
         return RefLogps(out.chosen.logps, out.rejected.logps)
 
     return on_the_fly
+
+
+def sequence_tokens(pairs: list[TokenizedPair]) -> int:
+    """Tokens of the chosen and rejected sequences (2P + C + R), whichever path computes them."""
+    return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
 
 
 @dataclass
@@ -204,7 +219,7 @@ def pair_logps(pol: PairForward, ref: RefLogps | None, chosen_tokens_mean: float
 
 
 @torch.no_grad()
-def evaluate(model, ref_for: RefSource, pairs, cfg, pad_id, device, autocast) -> dict[str, float]:
+def evaluate(model, forward: Forward, ref_for: RefSource, pairs, cfg, autocast) -> dict[str, float]:
     was_training = model.training
     model.eval()
     metrics = StepMetrics()
@@ -213,10 +228,10 @@ def evaluate(model, ref_for: RefSource, pairs, cfg, pad_id, device, autocast) ->
     total_loss = 0.0
     for i in range(0, len(pairs), bs):
         indices = list(range(i, min(i + bs, len(pairs))))
-        batch = collate_padded([pairs[j] for j in indices], pad_id).to(device)
+        chunk = pairs[i : i + bs]
         with autocast():
-            pol = forward_padded(model, batch)
-        lp = pair_logps(pol, ref_for(indices, batch), tokens_mean)
+            pol = forward(model, chunk)
+        lp = pair_logps(pol, ref_for(indices, chunk), tokens_mean)
         total_loss += losses.combined_loss(lp, cfg.loss_types, cfg.loss.loss_weights, loss_params(cfg)).sum().item()
         metrics.add_pairs(pol, lp, cfg)
     model.train(was_training)
@@ -360,6 +375,8 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     scaler = torch.amp.GradScaler(device.type) if t.fp16 else None
     autocast = make_autocast(cfg, device)
 
+    forward = make_forward(cfg, pad_id, device)
+
     # reference log-probs: once, cached on disk, instead of a reference forward every step
     precompute = t.precompute_ref_log_probs if t.precompute_ref_log_probs is not None else need_ref
     cached_train = cached_eval = None
@@ -367,7 +384,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     if reference is not None and precompute:
         ref_started = time.time()
         cache_kwargs = dict(
-            pad_token_id=pad_id, batch_size=t.per_device_eval_batch_size, device=device, autocast=autocast,
+            forward=forward, batch_size=t.per_device_eval_batch_size, autocast=autocast,
             precision=precision_name(cfg), cache_dir=preftune_home() / "ref_logps",
             reference_fingerprint=fingerprint_reference(reference.model),
         )  # fmt: skip
@@ -378,7 +395,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
         if reference.frozen is not None:  # full fine-tuning: the frozen copy is no longer needed
             reference = None
             gc.collect()
-    train_ref = reference_source(reference, cached_train, autocast)
+    train_ref = reference_source(reference, cached_train, forward, autocast, device)
     eval_prompts = load_prompts(cfg.data.eval_prompts) if cfg.data.eval_prompts else []
     guard = CollapseGuard(
         model, tokenizer, eval_prompts[: t.guard_prompts], max_logp_drop=t.collapse_max_logp_drop,
@@ -387,7 +404,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     guard_every = t.eval_steps or max(1, total_steps // 10)
     stopped: dict[str, Any] | None = None
     guard_warnings: list[str] = []
-    eval_ref = reference_source(reference, cached_eval, autocast)
+    eval_ref = reference_source(reference, cached_eval, forward, autocast, device)
 
     log_history: list[dict[str, Any]] = []
     start_step, tokens_seen, train_seconds = 0, 0, 0.0
@@ -408,7 +425,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
-    evaluate_now = lambda: evaluate(model, eval_ref, prepared.eval, cfg, pad_id, device, autocast)  # noqa: E731
+    evaluate_now = lambda: evaluate(model, forward, eval_ref, prepared.eval, cfg, autocast)  # noqa: E731
     window = StepMetrics()
 
     # 3. the loop
@@ -422,10 +439,10 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
             chosen_tokens_mean /= step_pairs
             step_loss = 0.0
             for indices in schedule[step_index]:
-                batch = collate_padded([prepared.train[i] for i in indices], pad_id).to(device)
-                ref = train_ref(indices, batch)
+                pairs = [prepared.train[i] for i in indices]
+                ref = train_ref(indices, pairs)
                 with autocast():
-                    pol = forward_padded(model, batch)
+                    pol = forward(model, pairs)
                 lp = pair_logps(pol, ref, chosen_tokens_mean)
                 guard.observe(pol.chosen.logps, lp.ref_chosen, pol.chosen.tokens)
                 per_pair = losses.combined_loss(lp, cfg.loss_types, cfg.loss.loss_weights, loss_params(cfg))
@@ -433,7 +450,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 step_loss += loss.item()
                 window.add_pairs(pol, lp, cfg)
-                window.tokens += batch.num_tokens
+                window.tokens += sequence_tokens(pairs)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
