@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# seed 004: reduce sycophancy on the offline default model; prints before/after answers and held-out accuracies
 demo: setup
-	$(VENV)/bin/preftune train examples/tiny.yaml overwrite_output_dir=true
+	$(VENV)/bin/preftune train examples/sycophancy.yaml overwrite_output_dir=true
 
 test: setup
 	$(PY) -m pytest tests
