@@ -173,7 +173,10 @@ class StepMetrics:
         s["rewards/chosen"] += rc.sum().item()
         s["rewards/rejected"] += rr.sum().item()
         s["rewards/margins"] += (rc - rr).sum().item()
-        s["rewards/accuracies"] += (rc > rr).float().sum().item()
+        # a margin within float noise of the log-prob sums is a tie (e.g. at step 1 with a cached
+        # reference computed in other batches), and ties count as wrong, as in TRL
+        noise = 1e-5 * params.beta * (pol.chosen.logps.detach().abs() + pol.rejected.logps.detach().abs())
+        s["rewards/accuracies"] += ((rc - rr) > noise).float().sum().item()
         s["logps/chosen"] += pol.chosen.logps.detach().sum().item()
         s["logps/rejected"] += pol.rejected.logps.detach().sum().item()
         s["logits/chosen"] += pol.chosen.logits_sum.sum().item()
