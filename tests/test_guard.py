@@ -1,6 +1,5 @@
 """The collapse guard warns, stops, and keeps the last healthy weights."""
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

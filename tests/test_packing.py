@@ -34,15 +34,6 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 SHAPES = [(6, 4, 5), (1, 3, 2), (5, 1, 4), (4, 3, 1), (1, 1, 1), (8, 6, 2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread is fastest, and immune to OpenMP spin-waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sharpen(model):
     """Random init (std 0.02) gives near-uniform predictions; a wider one makes mistakes visible."""
     torch.manual_seed(1)

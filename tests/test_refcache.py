@@ -1,6 +1,5 @@
 """Cached reference log-probs equal the on-the-fly reference, and are reused across runs."""
 
-import json
 
 import pytest
 import torch
