@@ -360,6 +360,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     model_path = resolve_model_path(cfg.model.model_name_or_path)
     tokenizer = load_tokenizer(cfg.model, model_path)
     prepared = prepare_data(cfg, tokenizer)
+    eval_prompts = load_prompts(cfg.data.eval_prompts) if cfg.data.eval_prompts else []
     pad_id = tokenizer.pad_token_id
     report.print_data_stats(prepared.stats)
 
@@ -399,14 +400,6 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
             reference = None
             gc.collect()
     train_ref = reference_source(reference, cached_train, forward, autocast, device)
-    eval_prompts = load_prompts(cfg.data.eval_prompts) if cfg.data.eval_prompts else []
-    guard = CollapseGuard(
-        model, tokenizer, eval_prompts[: t.guard_prompts], max_logp_drop=t.collapse_max_logp_drop,
-        system_prompt=cfg.data.system_prompt, max_new_tokens=t.guard_max_new_tokens,
-    )  # fmt: skip
-    guard_every = t.eval_steps or max(1, total_steps // 10)
-    stopped: dict[str, Any] | None = None
-    guard_warnings: list[str] = []
     eval_ref = reference_source(reference, cached_eval, forward, autocast, device)
 
     log_history: list[dict[str, Any]] = []
@@ -425,6 +418,15 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         start_step, log_history = state["step"], state["log_history"]
         tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
+
+    # the guard's "healthy" snapshot starts from the weights training continues from
+    guard = CollapseGuard(
+        model, tokenizer, eval_prompts[: t.guard_prompts], max_logp_drop=t.collapse_max_logp_drop,
+        system_prompt=cfg.data.system_prompt, max_new_tokens=t.guard_max_new_tokens,
+    )  # fmt: skip
+    guard_every = t.eval_steps or max(1, total_steps // 10)
+    stopped: dict[str, Any] | None = None
+    guard_warnings: list[str] = []
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
