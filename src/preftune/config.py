@@ -170,7 +170,6 @@ LLAMAFACTORY_ALIASES = {
     "cutoff_len": "max_length",
     "lora_rank": "lora_r",
     "val_size": "eval_split",
-    "eval_dataset": None,  # handled below
 }
 # Keys of LLaMA-Factory / HF TrainingArguments that carry no meaning here; accepted and ignored.
 IGNORED_KEYS = {
@@ -296,12 +295,9 @@ def _translate_llamafactory(raw: dict[str, Any], where: str | None) -> dict[str,
             continue
         if key == "pref_loss" and value == "kto_pair":
             raise PreftuneError("pref_loss 'kto_pair' is not supported; use sigmoid, hinge, ipo, orpo or simpo", where)
-        if key == "simpo_gamma" or key not in LLAMAFACTORY_ALIASES:
-            out[key] = value
-        elif key == "eval_dataset":
+        if key == "eval_dataset":
             raise PreftuneError("'eval_dataset' is not supported; use eval_file or val_size", where)
-        else:
-            out[LLAMAFACTORY_ALIASES[key]] = value
+        out[LLAMAFACTORY_ALIASES.get(key, key)] = value
     if pref_ftx:
         # LLaMA-Factory: loss = preference loss + pref_ftx * SFT loss on chosen
         base = out.get("loss_type", "sigmoid")
@@ -494,6 +490,6 @@ def describe_keys() -> str:
         for f in fields(cls):
             default = f.default if f.default is not MISSING else None
             lines.append(f"  {f.name} (default {default!r}): {f.metadata['doc']}")
-    lines.append("LLaMA-Factory keys: " + ", ".join(f"{k} -> {v}" for k, v in LLAMAFACTORY_ALIASES.items() if v))
+    lines.append("LLaMA-Factory keys: " + ", ".join(f"{k} -> {v}" for k, v in LLAMAFACTORY_ALIASES.items()))
     lines.append("  pref_ftx -> adds 'sft' to loss_type with that weight; stage must be dpo.")
     return "\n".join(lines)
