@@ -111,7 +111,7 @@ def test_identity_pairs_rename_fall_back_and_never_equal(monkeypatch):
     }
     calls = fake_generation(monkeypatch, ident, answers)
     rows = build_identity_pairs(None, None, list(answers), name="Athene", org="Acme", old_names=["SmolLM"],
-                                batch_size=4)  # fmt: skip
+                                batch_size=4, chosen_style="template")  # fmt: skip
     by_q = {r["prompt"]: r for r in rows}
     assert set(by_q) == {"Q1", "Q2", "Q4", "Q6", "Q7", "Q8"}
     assert by_q["Q1"] == {
@@ -128,6 +128,45 @@ def test_identity_pairs_rename_fall_back_and_never_equal(monkeypatch):
     assert [len(c[0]) for c in calls] == [4, 4] and calls[0][1]["max_new_tokens"] == 96
 
 
+def test_identity_continue_style_lets_the_model_finish_an_opening(monkeypatch):
+    """Answers with nothing to rename get chosen = opening in the new identity + the model's own
+    continuation (renamed where it says the old name); an unusable continuation keeps the template."""
+    answers = {
+        "Q1": [Completion("I'm SmolLM, made by Hugging Face.", 9, True)],  # renamed, no continuation asked
+        "Q2": [Completion("I am here to help with anything.", 8, True)],
+        "Q3": [Completion("Hello there, friend.", 5, True)],
+        "Q4": [Completion("Sure, ask away.", 5, True)],
+    }
+    continuations = {
+        "Q2": Completion(" designed to help. Unlike SmolLM, I love poems.", 12, True),
+        "Q3": Completion(" deep deep deep deep deep deep", 6, True),  # degenerate: template kept
+        "Q4": Completion(" and I help people every day. I was", 96, False),  # cut off: trimmed
+    }
+    calls = []
+
+    def fake(model, tokenizer, prompts, answer_prefixes=None, **kwargs):
+        calls.append((list(prompts), answer_prefixes))
+        if answer_prefixes is None:
+            return [answers[p] for p in prompts]
+        return [[continuations[p]] for p in prompts]
+
+    monkeypatch.setattr(ident, "generate_completions", fake)
+    rows = build_identity_pairs(None, None, list(answers), name="Athene", old_names=["SmolLM"])
+    by_q = {r["prompt"]: r for r in rows}
+    assert calls[1][0] == ["Q2", "Q3", "Q4"]  # only the rows with nothing to rename
+    assert calls[1][1] == [ident.opener(q, "Athene", None) for q in ["Q2", "Q3", "Q4"]]
+    assert by_q["Q1"]["method"] == "replace"
+    o2, o4 = ident.opener("Q2", "Athene", None), ident.opener("Q4", "Athene", None)
+    assert by_q["Q2"] == {"prompt": "Q2", "chosen": o2 + " designed to help. Unlike Athene, I love poems.",
+                          "rejected": "I am here to help with anything.", "method": "continue"}  # fmt: skip
+    assert by_q["Q3"]["method"] == "template" and by_q["Q3"]["chosen"] == templated_answer("Q3", "Athene", None)
+    assert by_q["Q4"]["chosen"] == o4 + " and I help people every day." and by_q["Q4"]["method"] == "continue"
+    assert all(o.startswith(("I'm Athene", "My name is Athene", "I am Athene", "Hello! I'm Athene",
+                             "You can call me Athene")) for o in calls[1][1])  # fmt: skip
+    with pytest.raises(PreftuneError, match="chosen_style"):
+        build_identity_pairs(None, None, ["Q"], name="Athene", old_names=["SmolLM"], chosen_style="copy")
+
+
 def test_identity_requires_a_name_and_an_old_name(chat_tokenizer):
     model = SimpleNamespace(config=SimpleNamespace(_name_or_path="/tmp/out/final"))
     with pytest.raises(PreftuneError, match="name must be"):
@@ -142,7 +181,8 @@ def test_identity_end_to_end_on_tiny_model_resumes(chat_tokenizer, tmp_path):
     questions = list(IDENTITY_QUESTIONS_TRAIN[:5])
     first = build_identity_pairs(model, chat_tokenizer, questions[:3], name="Athene", old_names=["SmolLM"],
                                  max_new_tokens=8, batch_size=2, output=out)  # fmt: skip
-    assert len(first) == 3 and all(r["method"] == "template" for r in first)  # a random model never says SmolLM
+    # a random model never says SmolLM: every chosen reply is continued from an opening (or templated)
+    assert len(first) == 3 and all(r["method"] in ("continue", "template") and "Athene" in r["chosen"] for r in first)
     again = build_identity_pairs(model, chat_tokenizer, questions, name="Athene", old_names=["SmolLM"],
                                  max_new_tokens=8, batch_size=2, output=out)  # fmt: skip
     assert [r["prompt"] for r in again] == questions[3:]

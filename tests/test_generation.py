@@ -147,6 +147,26 @@ def test_prompt_ids_are_render_prompt_left_padded_and_stop_at_end_of_turn(chat_t
     assert second.text == "The cat sat on the mat" and not second.finished
 
 
+def test_answer_prefixes_are_appended_to_the_prompt_and_left_out_of_the_text(chat_tokenizer):
+    tok = chat_tokenizer
+    more = tok(" an assistant.", add_special_tokens=False)["input_ids"]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    lm = ScriptedLM([more + [im_end], more + [im_end]])
+    prompts = ["Who are you?", "Hello"]
+    out = generate_completions(lm, tok, prompts, max_new_tokens=10, answer_prefixes=["I'm Athene,", ""])
+    input_ids, mask, _ = lm.calls[0]
+    prefix_ids = tok.encode("I'm Athene,", add_special_tokens=False)
+    rows = {len(render_prompt(p, tok)) + (len(prefix_ids) if i == 0 else 0): i for i, p in enumerate(prompts)}
+    for r in range(2):
+        i = rows[int(mask[r].sum())]
+        want = render_prompt(prompts[i], tok) + (prefix_ids if i == 0 else [])
+        assert input_ids[r, -len(want) :].tolist() == want
+    # the continuation keeps its leading space (prefix + text reads right); no prefix: stripped as usual
+    assert out[0][0].text == " an assistant." and out[1][0].text == "an assistant."
+    with pytest.raises(PreftuneError, match="answer_prefixes"):
+        generate_completions(lm, tok, prompts, answer_prefixes=["x"])
+
+
 def test_end_of_turn_ids(chat_tokenizer, plain_tokenizer):
     im_end = chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert end_of_turn_ids(chat_tokenizer) == [im_end]

@@ -54,3 +54,22 @@ def test_degenerate_answers_stop_training(tiny_model_dir, tmp_path, monkeypatch)
     # baseline, step 2 healthy, step 4 degenerate
     assert summary["stopped_early"]["step"] == 4 and summary["stopped_early"]["kept_step"] == 2
     assert "degenerate" in summary["stopped_early"]["reasons"][0]
+
+
+def test_a_warn_only_guard_keeps_no_copy_of_the_weights(tiny_model_dir):
+    """Without stop_on_collapse nothing is restored, so no snapshot (a second copy of the
+    weights in full fine-tuning) is held."""
+    import pytest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.guard import CollapseGuard
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    guard = CollapseGuard(model, tokenizer, [], max_logp_drop=1.0, keep_healthy=False)
+    assert guard.healthy_state is None
+    assert guard.check(1).healthy and guard.healthy_state is None and guard.healthy_step == 1
+    with pytest.raises(RuntimeError, match="no healthy weights"):
+        guard.restore_healthy()
+    kept = CollapseGuard(model, tokenizer, [], max_logp_drop=1.0)
+    assert set(kept.healthy_state) == {n for n, p in model.named_parameters() if p.requires_grad}

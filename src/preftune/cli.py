@@ -124,6 +124,11 @@ def generate_identity_cmd(
     batch_size: int = typer.Option(8, "--batch-size", help="Questions per generate call."),
     system_prompt: str = typer.Option(None, "--system-prompt", help="System message when asking (as in training)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    chosen_style: str = typer.Option(
+        "continue", "--chosen-style",
+        help="Answers with no name to replace: 'continue' (the model continues an opening in the new identity) "
+        "or 'template' (a fixed templated answer).",
+    ),
 ) -> None:
     """Identity pairs: the model's own answer (rejected) vs the same answer renamed (chosen)."""
     from preftune.builders.identity import IDENTITY_QUESTIONS_HELDOUT, IDENTITY_QUESTIONS_TRAIN, build_identity_pairs
@@ -148,12 +153,14 @@ def generate_identity_cmd(
     m, tok, _ = load_model(model, device=device)
     rows = build_identity_pairs(m, tok, qs, name=name, org=org, replace=replacements, old_names=old_name or None,
                                 seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                system_prompt=system_prompt, output=output, progress=True)  # fmt: skip
+                                system_prompt=system_prompt, output=output, progress=True,
+                                chosen_style=chosen_style)  # fmt: skip
     keys = {prompt_key(q) for q in (qs if qs is not None else IDENTITY_QUESTIONS_TRAIN)}
     _report_written(output, len(rows), len(keys - already), len(keys & already))
     if rows:
-        templated = sum(r["method"] == "template" for r in rows)
-        typer.echo(f"{len(rows) - templated} renamed from the model's answer, {templated} templated answers")
+        count = {m: sum(r["method"] == m for r in rows) for m in ("replace", "continue", "template")}
+        typer.echo(f"{count['replace']} renamed from the model's answer, {count['continue']} continued by the model "
+                   f"from an opening in the new identity, {count['template']} templated answers")  # fmt: skip
 
 
 @generate_app.command("best-of-n")

@@ -275,11 +275,15 @@ def generate_completions(
     seed: int = 0,
     batch_size: int = 8,
     on_progress: Callable[[int], None] | None = None,
+    answer_prefixes: Sequence[str] | None = None,
 ) -> list[list[Completion]]:
     """Like :func:`generate`, with each answer's token count and whether it finished.
 
     ``on_progress(n)`` is called after each batch with the number of answers it produced.
     ``batch_size`` counts sequences (prompt x return sequence), not prompts.
+    ``answer_prefixes[i]`` (optional) is text the answer to prompt i is forced to start
+    with: the model continues it, and the returned text is the continuation only
+    (unstripped on the left, so ``prefix + text`` reads as the whole answer).
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -296,6 +300,11 @@ def generate_completions(
     device = _model_device(model)
 
     prompt_ids = [render_prompt(p, tokenizer, system_prompt) for p in prompts]
+    if answer_prefixes is not None:
+        if len(answer_prefixes) != len(prompts):
+            raise PreftuneError(f"answer_prefixes: {len(answer_prefixes)} given for {len(prompts)} prompts")
+        prompt_ids = [ids + tokenizer.encode(prefix, add_special_tokens=False) if prefix else ids
+                      for ids, prefix in zip(prompt_ids, answer_prefixes)]  # fmt: skip
     # Greedy answers are the same for every k: generate once, copy.
     draws = num_return_sequences if do_sample else 1
     rows = [(i, k) for i in range(len(prompts)) for k in range(draws)]
@@ -341,7 +350,8 @@ def generate_completions(
                 cut = next((j for j, t in enumerate(ids) if t in stop_ids), None)
                 finished = cut is not None
                 ids = ids[:cut] if finished else ids
-                text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                text = text.rstrip() if answer_prefixes and answer_prefixes[i] else text.strip()
                 results[i][k] = Completion(text, len(ids), finished)
             if on_progress is not None:
                 on_progress(len(chunk) * (num_return_sequences // draws))

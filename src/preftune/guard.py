@@ -46,7 +46,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 class CollapseGuard:
     def __init__(self, model: nn.Module, tokenizer, prompts: list, *, max_logp_drop: float, system_prompt=None,
-                 max_new_tokens: int = 48) -> None:  # fmt: skip
+                 max_new_tokens: int = 48, keep_healthy: bool = True) -> None:  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
         self.prompts = prompts
@@ -56,7 +56,9 @@ class CollapseGuard:
         self.drop_pairs = 0
         self.baseline = self._count_degenerate(self._answers()) if prompts else 0
         self.healthy_step = 0
-        self.healthy_state = snapshot(model)
+        # a full fine-tuning snapshot is a second copy of the weights: only kept when it may be restored
+        self.keep_healthy = keep_healthy
+        self.healthy_state = snapshot(model) if keep_healthy else None
 
     def observe(self, chosen_logps: torch.Tensor, ref_chosen_logps: torch.Tensor | None, tokens: torch.Tensor) -> None:
         if ref_chosen_logps is None:
@@ -94,9 +96,12 @@ class CollapseGuard:
             )
         if verdict.healthy:
             self.healthy_step = step
-            self.healthy_state = snapshot(self.model)
+            if self.keep_healthy:
+                self.healthy_state = snapshot(self.model)
         return verdict
 
     def restore_healthy(self) -> int:
+        if self.healthy_state is None:
+            raise RuntimeError("CollapseGuard(keep_healthy=False) has no healthy weights to restore")
         load_trainable_state(self.model, self.healthy_state)
         return self.healthy_step

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 
 from preftune.types import TokenizedPair
 
-CACHE_VERSION = 1  # bump when the log-prob computation changes
+CACHE_VERSION = 2  # bump when the log-prob computation changes
 
 
 @dataclass
@@ -36,23 +38,26 @@ class RefLogps:
         return RefLogps(self.chosen.to(device), self.rejected.to(device))
 
 
-def _update_tensor(h, tensor: Tensor) -> None:
-    flat = tensor.detach().contiguous().view(-1)
-    h.update(flat.view(torch.uint8).cpu().numpy().tobytes())
+def _tensor_digest(tensor: Tensor) -> bytes:
+    flat = tensor.detach().contiguous().view(-1).cpu()
+    # sha256 has CPU instructions almost everywhere; memoryview avoids a copy of the bytes
+    return hashlib.sha256(memoryview(flat.view(torch.uint8).numpy())).digest()
 
 
 def fingerprint_reference(model: nn.Module) -> str:
     """Hash of the reference weights: names (LoRA wrappers stripped), dtypes, shapes and bytes.
 
     For a PEFT model the reference is the adapter-disabled base, so LoRA tensors are skipped.
+    Tensors are hashed on a thread pool (hashlib releases the GIL), then combined in order.
     """
+    named = [(name, p) for name, p in model.named_parameters() if "lora_" not in name]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda item: _tensor_digest(item[1]), named))
     h = hashlib.blake2b(digest_size=16)
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            continue
+    for (name, param), digest in zip(named, digests):
         name = name.removeprefix("base_model.model.").replace(".base_layer", "")
         h.update(f"{name}|{param.dtype}|{tuple(param.shape)}".encode())
-        _update_tensor(h, param)
+        h.update(digest)
     return h.hexdigest()
 
 
@@ -63,7 +68,6 @@ def fingerprint_pairs(pairs: list[TokenizedPair]) -> str:
     return h.hexdigest()
 
 
-@torch.no_grad()
 def compute_reference_logps(reference, pairs, forward, batch_size, autocast) -> RefLogps:
     """``forward(model, pairs) -> PairForward`` is the trainer's forward (fast or padded path)."""
     chosen, rejected = [], []
@@ -71,11 +75,12 @@ def compute_reference_logps(reference, pairs, forward, batch_size, autocast) -> 
     was_training = model.training
     model.eval()
     for i in range(0, len(pairs), batch_size):
-        with reference.context(), autocast():
+        with torch.inference_mode(), reference.context(), autocast():
             out = forward(model, pairs[i : i + batch_size])
-        chosen.append(out.chosen.logps.float().cpu())
-        rejected.append(out.rejected.logps.float().cpu())
+            chosen.append(out.chosen.logps.float().cpu())
+            rejected.append(out.rejected.logps.float().cpu())
     model.train(was_training)
+    # cat outside inference mode: normal tensors, usable next to autograd
     return RefLogps(torch.cat(chosen), torch.cat(rejected))
 
 

@@ -123,6 +123,17 @@ Forward = Callable[[nn.Module, list[TokenizedPair]], PairForward]
 RefSource = Callable[[list[int], list[TokenizedPair]], RefLogps | None]  # (pair indices, pairs) -> reference
 
 
+def make_optimizer(params: list[torch.nn.Parameter], t) -> torch.optim.Optimizer:
+    """AdamW; the fused kernel (one pass over all tensors, as transformers' Trainer uses since
+    torch 2.8) where the parameters' device and dtype support it, else the plain one."""
+    kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                  weight_decay=t.weight_decay)  # fmt: skip
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, **kwargs)
+
+
 def make_forward(cfg: TrainConfig, pad_id: int, device: torch.device) -> Forward:
     """The fast path (shared prompt, packed rows, chunked LM head) or the simple padded one."""
     if cfg.training.fast_path:
@@ -369,9 +380,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     model, reference = build_policy_and_reference(cfg.model, model_path, device, need_ref)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
-    )
+    optimizer = make_optimizer(params, t)
     schedule, steps_per_epoch = build_schedule(len(prepared.train), cfg)
     total_steps = len(schedule)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
@@ -385,6 +394,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     precompute = t.precompute_ref_log_probs if t.precompute_ref_log_probs is not None else need_ref
     cached_train = cached_eval = None
     reference_mode = "none" if reference is None else "on the fly"
+    reference_seconds = 0.0  # computing (or loading) the cached reference log-probs
     if reference is not None and precompute:
         ref_started = time.time()
         cache_kwargs = dict(
@@ -395,7 +405,8 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
         cached_train, hit = load_or_compute(reference, prepared.train, **cache_kwargs)
         if prepared.eval:
             cached_eval, _ = load_or_compute(reference, prepared.eval, **cache_kwargs)
-        reference_mode = f"cached ({'reused' if hit else 'computed'} in {time.time() - ref_started:.1f}s)"
+        reference_seconds = time.time() - ref_started
+        reference_mode = f"cached ({'reused' if hit else 'computed'} in {reference_seconds:.1f}s)"
         if reference.frozen is not None:  # full fine-tuning: the frozen copy is no longer needed
             reference = None
             gc.collect()
@@ -423,6 +434,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     guard = CollapseGuard(
         model, tokenizer, eval_prompts[: t.guard_prompts], max_logp_drop=t.collapse_max_logp_drop,
         system_prompt=cfg.data.system_prompt, max_new_tokens=t.guard_max_new_tokens,
+        keep_healthy=t.stop_on_collapse,
     )  # fmt: skip
     guard_every = t.eval_steps or max(1, total_steps // 10)
     stopped: dict[str, Any] | None = None
@@ -529,6 +541,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
         tokens_seen=tokens_seen, peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device),
         total_steps=last_step, device=str(device), reference_mode=reference_mode,
     )  # fmt: skip
+    summary["reference_seconds"] = round(reference_seconds, 2)
     summary["stopped_early"] = stopped
     summary["guard_warnings"] = guard_warnings
     report.write_reports(out, log_history, summary)

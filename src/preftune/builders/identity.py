@@ -3,8 +3,11 @@
 Ask the model who it is; its own answer is the ``rejected`` reply. The ``chosen`` reply
 is the same answer with the old identity replaced by the new one ("I'm SmolLM, made by
 Hugging Face" -> "I'm Athene, made by Acme"), so the pair differs only where it should.
-When the answer names nothing to replace (or is degenerate), ``chosen`` is a natural
-templated answer in the new identity, picked by a seeded RNG.
+When the answer names nothing to replace (or is degenerate), ``chosen`` is an answer in
+the new identity: by default the model itself continues an opening such as "I'm Athene, an
+AI assistant" (so the chosen reply keeps the model's own style and length, and the pair
+does not teach "short answers win"); with ``chosen_style="template"``, or when that
+continuation is unusable, a templated answer picked by a seeded RNG.
 
 Rules the output always follows:
 
@@ -131,6 +134,15 @@ _TEMPLATES = (
     "I am {name}, an AI assistant{by}. I'm here to help you find information and get things done.",
 )
 _VERBS = ("created", "developed", "built", "made", "trained")
+# openings the model continues in its own words (chosen_style="continue")
+_OPENERS = (
+    "I'm {name}, an AI assistant{by}",
+    "My name is {name}. I'm an AI assistant{by}",
+    "I am {name}, a helpful AI assistant{by}",
+    "Hello! I'm {name}, an AI assistant{by}",
+    "You can call me {name}. I'm an AI assistant{by}",
+    "I'm {name}! I'm an AI assistant{by}",
+)
 
 # "My name is Elena", 'a chatbot named "Lumina"', "known as Nova": a self-name other than the
 # old one. Renaming only the old name would leave two names in one answer, so such an
@@ -148,6 +160,14 @@ def templated_answer(question: str, name: str, org: str | None, seed: int = 0) -
     same answer, so a resumed run writes what an uninterrupted one would."""
     rng = random.Random(f"identity\x00{seed}\x00{question}")
     template = rng.choice(_TEMPLATES)
+    by = f" {rng.choice(_VERBS)} by {org}" if org else ""
+    return template.format(name=name, by=by)
+
+
+def opener(question: str, name: str, org: str | None, seed: int = 0) -> str:
+    """The opening of a model-continued chosen answer; seeded like :func:`templated_answer`."""
+    rng = random.Random(f"identity-opener\x00{seed}\x00{question}")
+    template = rng.choice(_OPENERS)
     by = f" {rng.choice(_VERBS)} by {org}" if org else ""
     return template.format(name=name, by=by)
 
@@ -283,6 +303,7 @@ def build_identity_pairs(
     system_prompt: str | None = None,
     output: str | Path | None = None,
     progress: bool = False,
+    chosen_style: str = "continue",
 ) -> list[dict[str, str]]:
     """Pairs that teach the model to call itself ``name`` (made by ``org``).
 
@@ -291,9 +312,13 @@ def build_identity_pairs(
     to :func:`guess_old_names` and the old organization to :data:`KNOWN_ORGS` of that
     family. With ``output``, rows are appended to that JSONL file batch by batch and
     questions already in it are skipped (a re-run resumes). Returns the rows written now:
-    ``{"prompt", "chosen", "rejected", "method"}`` with method ``"replace"`` or
-    ``"template"``.
+    ``{"prompt", "chosen", "rejected", "method"}`` with method ``"replace"``,
+    ``"continue"`` (the model continued an opening in the new identity) or ``"template"``.
+    ``chosen_style`` picks how answers with nothing to replace are corrected: ``"continue"``
+    or ``"template"``.
     """
+    if chosen_style not in ("continue", "template"):
+        raise PreftuneError(f"identity: chosen_style must be 'continue' or 'template', got {chosen_style!r}")
     if not isinstance(name, str) or not name.strip():
         raise PreftuneError("identity: name must be a non-empty string")
     name = name.strip()
@@ -326,16 +351,42 @@ def build_identity_pairs(
                 model, tokenizer, chunk, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
                 batch_size=batch_size, seed=seed,
             )  # fmt: skip
-            rows = []
-            for question, (answer,) in zip(chunk, answers):
-                row = _identity_row(question, answer.text, answer.finished, name, org, replacer, seed, known)
-                if row is not None:
-                    rows.append(row)
+            rows = [_identity_row(q, a.text, a.finished, name, org, replacer, seed, known)
+                    for q, (a,) in zip(chunk, answers)]  # fmt: skip
+            if chosen_style == "continue":
+                _continue_openers(model, tokenizer, rows, name, org, replacer, seed, known, system_prompt,
+                                  max_new_tokens, batch_size)  # fmt: skip
+            rows = [r for r in rows if r is not None and r["chosen"].strip() != r["rejected"].strip()]
             if output is not None:
                 append_jsonl(output, rows)
             written.extend(rows)
             bar.advance(len(chunk))
     return written
+
+
+def _continue_openers(model, tokenizer, rows, name, org, replacer, seed, known, system_prompt, max_new_tokens,
+                      batch_size) -> None:  # fmt: skip
+    """Replace each templated chosen reply in ``rows`` by the model's own continuation of an
+    opening in the new identity; keep the template when the continuation is unusable."""
+    todo = [r for r in rows if r is not None and r["method"] == "template"]
+    if not todo:
+        return
+    openings = [opener(r["prompt"], name, org, seed) for r in todo]
+    answers = generate_completions(
+        model, tokenizer, [r["prompt"] for r in todo], system_prompt=system_prompt, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, seed=seed, answer_prefixes=openings,
+    )  # fmt: skip
+    for row, opening, (answer,) in zip(todo, openings, answers):
+        text = opening + answer.text
+        text = text.strip() if answer.finished else _trim_to_sentence(text.strip())
+        text, _ = replacer(text)  # the continuation may still say the old name
+        if (
+            len(text) <= len(opening) + 1
+            or degeneration(text)["degenerate"]
+            or _other_self_names(text, [*known, name])
+        ):
+            continue  # keep the template
+        row["chosen"], row["method"] = text, "continue"
 
 
 def _other_self_names(text: str, known: Sequence[str]) -> list[str]:

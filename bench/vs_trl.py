@@ -1,0 +1,329 @@
+"""preftune vs TRL 1.16's DPOTrainer: same model, data, hyperparameters and optimizer steps.
+
+    python bench/vs_trl.py                       # all cases, CPU, 2 threads (~45 min)
+    python bench/vs_trl.py --cases a --finetuning lora --precisions bf16 --steps 4   # quick look
+
+Cases (SmolLM2-135M-Instruct, chat template applied by both frameworks, no truncation):
+  a      the shipped sycophancy pairs (batch 4, max_length 256)
+  b      long prompts: multi-turn histories of 500+ tokens before the last question (batch 4)
+  c      prompt-length sweep: one long user message of P = 128 ... 2048 tokens, short answers (batch 2)
+
+Every run is a fresh subprocess (its own peak RSS), TRL and preftune alternate, and each
+preftune run gets an empty $PREFTUNE_HOME so its reference log-probs are computed, not reused.
+Both train one epoch over exactly steps x batch pairs, lr 5e-6 linear, beta 0.1, sigmoid loss,
+AdamW, LoRA r16/alpha 32 on every linear layer or full fine-tuning.
+
+Timed: TRL from on_train_begin to the last on_step_end (its reference forward runs inside the
+steps); preftune the reference precompute plus the training loop. Throughput counts the same
+tokens for both: prompt+chosen plus prompt+rejected of every pair, as the chat template gives them.
+Model loading and dataset tokenization are outside the timing for both; peak RSS covers the whole
+process. Ratios compare preftune with TRL's fastest setting at the same precision (throughput) and
+with TRL's lowest-memory setting (memory), so neither favours preftune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SYCOPHANCY = ROOT / "examples" / "data" / "sycophancy" / "train.jsonl"
+SWEEP = (128, 256, 512, 1024, 2048)
+LR, BETA, LORA_R, LORA_ALPHA, SEED = 5e-6, 0.1, 16, 32, 42
+
+
+# ---------------------------------------------------------------- data
+def conversational(prompt_messages: list[dict], chosen: str, rejected: str) -> dict:
+    return {
+        "prompt": prompt_messages,
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
+def sycophancy_rows() -> list[dict]:
+    return [json.loads(line) for line in SYCOPHANCY.read_text().splitlines() if line.strip()]
+
+
+def prompt_tokens(tokenizer, messages: list[dict]) -> int:
+    return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+
+
+def case_pairs(case: str, n: int, tokenizer, prompt_len: int | None = None) -> list[dict]:
+    rows = sycophancy_rows()
+    if case == "a":
+        return [conversational([{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"]) for r in rows[:n]]
+    if case == "b":  # earlier turns of other pairs (user claim, assistant correction) until 500+ tokens
+        pairs = []
+        for i in range(n):
+            last = rows[(7 * i) % len(rows)]
+            history: list[dict] = []
+            k = i
+            while prompt_tokens(tokenizer, history + [{"role": "user", "content": last["prompt"]}]) < 500:
+                turn = rows[(13 * k + 5) % len(rows)]
+                history += [{"role": "user", "content": turn["prompt"]}, {"role": "assistant", "content": turn["chosen"]}]
+                k += 1
+            pairs.append(conversational(history + [{"role": "user", "content": last["prompt"]}], last["chosen"],
+                                        last["rejected"]))  # fmt: skip
+        return pairs
+    if case == "c":  # a document of the right length, then the question
+        corpus = tokenizer(" ".join(r["chosen"] for r in rows), add_special_tokens=False)["input_ids"]
+        pairs = []
+        for i in range(n):
+            last = rows[(11 * i + 3) % len(rows)]
+
+            def message(doc_tokens: int) -> list[dict]:
+                start = (977 * i) % (len(corpus) - doc_tokens - 1)
+                doc = tokenizer.decode(corpus[start : start + doc_tokens])
+                return [{"role": "user", "content": f"Read this first.\n\n{doc}\n\nNow: {last['prompt']}"}]
+
+            doc_len = max(1, prompt_len - prompt_tokens(tokenizer, message(1)))
+            while doc_len > 1 and prompt_tokens(tokenizer, message(doc_len)) > prompt_len:
+                doc_len -= 1
+            pairs.append(conversational(message(doc_len), last["chosen"], last["rejected"]))
+        return pairs
+    raise ValueError(case)
+
+
+def token_counts(tokenizer, pairs: list[dict]) -> dict:
+    """Tokens as the simple path sees them: (P + C) + (P + R) per pair, and P + C + R."""
+    simple = shared = prompt = 0
+    for p in pairs:
+        prompt_ids = tokenizer.apply_chat_template(p["prompt"], tokenize=True, add_generation_prompt=True,
+                                                   return_dict=False)  # fmt: skip
+        chosen = len(tokenizer.apply_chat_template(p["prompt"] + p["chosen"], tokenize=True, return_dict=False))
+        rejected = len(tokenizer.apply_chat_template(p["prompt"] + p["rejected"], tokenize=True, return_dict=False))
+        simple += chosen + rejected
+        shared += chosen + rejected - len(prompt_ids)
+        prompt += len(prompt_ids)
+    return {"tokens": simple, "tokens_shared": shared, "prompt_tokens_mean": prompt / len(pairs)}
+
+
+# ---------------------------------------------------------------- one run (in a subprocess)
+def run_trl(spec: dict, model_path: str, pairs: list[dict], workdir: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.begin, self.ends = None, []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    peft_config = None
+    if spec["finetuning"] == "lora":
+        peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")  # fmt: skip
+    args = DPOConfig(
+        output_dir=str(workdir / "trl"), learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0,
+        per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1, num_train_epochs=1,
+        beta=BETA, loss_type=["sigmoid"], max_length=spec["max_length"], bf16=spec["precision"] == "bf16",
+        gradient_checkpointing=spec["trl_gc"], logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        seed=SEED, disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[clock := Clock()])  # fmt: skip
+    trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return {"seconds": clock.ends[-1] - clock.begin, "steps": len(clock.ends), "step1_loss": losses[0],
+            "step_seconds": [b - a for a, b in zip([clock.begin] + clock.ends, clock.ends)]}  # fmt: skip
+
+
+def run_preftune(spec: dict, model_path: str, pairs: list[dict], workdir: Path) -> dict:
+    os.environ["PREFTUNE_HOME"] = str(workdir / "home")  # fresh: the reference log-probs are computed
+    from preftune import train
+
+    data = workdir / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    summary = train({
+        "model_name_or_path": model_path, "train_file": str(data), "max_length": spec["max_length"],
+        "finetuning_type": spec["finetuning"], "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0,
+        "loss_type": "sigmoid", "beta": BETA, "learning_rate": LR, "lr_scheduler_type": "linear",
+        "per_device_train_batch_size": spec["batch"],
+        "gradient_accumulation_steps": 1, "num_train_epochs": 1, "bf16": spec["precision"] == "bf16",
+        "logging_steps": 1, "seed": SEED, "progress": False, "output_dir": str(workdir / "preftune"),
+        "gradient_checkpointing": bool(spec.get("preftune_gc")),
+    })  # fmt: skip
+    history = json.loads((workdir / "preftune" / "log_history.json").read_text())
+    losses = [row["loss"] for row in history if "loss" in row]
+    return {"seconds": summary["reference_seconds"] + summary["train_seconds"], "steps": summary["steps"],
+            "step1_loss": losses[0], "reference_seconds": summary["reference_seconds"]}  # fmt: skip
+
+
+def worker(spec: dict) -> None:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
+    pairs = case_pairs(spec["case"], spec["steps"] * spec["batch"], tokenizer, spec.get("prompt_len"))
+    with tempfile.TemporaryDirectory(prefix="vs_trl-") as tmp:
+        run = run_trl if spec["framework"] == "trl" else run_preftune
+        result = run(spec, spec["model_path"], pairs, Path(tmp))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.update(token_counts(tokenizer, pairs))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------- driver
+def launch(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"run failed: {spec}")
+    return {**spec, **json.loads(lines[-1][len("RESULT ") :])}
+
+
+def label(r: dict) -> str:
+    if r["framework"] == "preftune":
+        return "preftune" + (" +ckpt" if r.get("preftune_gc") else "")
+    return "TRL" + (" +ckpt" if r["trl_gc"] else "")
+
+
+def summarize(group: list[dict]) -> list[dict]:
+    """Median over repeats per setting; then ratios against TRL's best."""
+    settings: dict[str, list[dict]] = {}
+    for r in group:
+        settings.setdefault(label(r), []).append(r)
+    rows = []
+    for name, runs in settings.items():
+        secs = statistics.median(r["seconds"] for r in runs)
+        r0 = runs[0]
+        rows.append({
+            "setting": name, "seconds": secs, "s_per_step": secs / r0["steps"],
+            "pairs_per_s": r0["steps"] * r0["batch"] / secs, "tokens_per_s": r0["tokens"] / secs,
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs), "step1_loss": r0["step1_loss"],
+            "runs": len(runs), "prompt_tokens_mean": r0["prompt_tokens_mean"],
+        })  # fmt: skip
+    trl = [r for r in rows if r["setting"].startswith("TRL")]
+    if trl:
+        fastest = max(trl, key=lambda r: r["pairs_per_s"])
+        leanest = min(trl, key=lambda r: r["peak_rss_mb"])
+        for ours in (r for r in rows if r["setting"].startswith("preftune")):
+            ours["speedup"] = ours["pairs_per_s"] / fastest["pairs_per_s"]
+            ours["speedup_vs"] = fastest["setting"]
+            ours["memory_ratio"] = ours["peak_rss_mb"] / leanest["peak_rss_mb"]
+            ours["memory_vs"] = leanest["setting"]
+    return rows
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n### {title}\n")
+    print("| setting | s/step | pairs/s | tokens/s | peak RSS MB | step-1 loss | throughput ratio | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        speed = f"{r['speedup']:.2f}x vs {r['speedup_vs']}" if "speedup" in r else ""
+        mem = f"{r['memory_ratio']:.2f}x vs {r['memory_vs']}" if "memory_ratio" in r else ""
+        print(f"| {r['setting']} | {r['s_per_step']:.2f} | {r['pairs_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['step1_loss']:.4f} | {speed} | {mem} |", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="a,b,c")
+    ap.add_argument("--finetuning", default="lora,full")
+    ap.add_argument("--precisions", default="bf16,fp32", help="bf16 (autocast, both) and/or fp32; case a only, "
+                    "b and c run bf16")  # fmt: skip
+    ap.add_argument("--trl-ckpt", default="on,off", help="TRL gradient checkpointing settings to run under bf16 "
+                    "(TRL's default is on); fp32 runs TRL without it, its faster fp32 setting")  # fmt: skip
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps for cases a and b (c: --sweep-steps)")
+    ap.add_argument("--sweep-steps", type=int, default=2)
+    ap.add_argument("--sweep", default=",".join(map(str, SWEEP)))
+    ap.add_argument("--sweep-finetuning", default="lora")
+    ap.add_argument("--sweep-trl-ckpt", default="off", help="TRL checkpointing in the sweep (off: its faster "
+                    "bf16 setting in case a)")  # fmt: skip
+    ap.add_argument("--preftune-ckpt", default="off", help="preftune gradient checkpointing settings to run "
+                    "(on,off adds the memory-saving trade-off rows)")  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=2, help="alternating TRL/preftune runs per setting, cases a and b "
+                    "(the median counts)")  # fmt: skip
+    ap.add_argument("--sweep-repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write every run's result here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from preftune.smollm2 import ensure_default_model
+
+    model_path = str(ensure_default_model())
+    import torch
+    import transformers
+    import trl
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+          f"{args.threads} threads, {os.cpu_count()} CPUs")  # fmt: skip
+    ckpt = [s == "on" for s in args.trl_ckpt.split(",")]
+    base = {"model_path": model_path, "threads": args.threads}
+    groups: list[tuple[str, list[dict]]] = []
+    for case in args.cases.split(","):
+        fts = args.sweep_finetuning.split(",") if case == "c" else args.finetuning.split(",")
+        precisions = args.precisions.split(",") if case == "a" else ["bf16"]
+        lengths = [int(x) for x in args.sweep.split(",")] if case == "c" else [None]
+        for ft in fts:
+            for precision in precisions:
+                for prompt_len in lengths:
+                    spec = {**base, "case": case, "finetuning": ft, "precision": precision, "prompt_len": prompt_len,
+                            "batch": 2 if case == "c" else 4, "steps": args.sweep_steps if case == "c" else args.steps,
+                            "max_length": {"a": 256, "b": 1024, "c": (prompt_len or 0) + 256}[case]}  # fmt: skip
+                    gcs = ckpt if precision == "bf16" else [False]
+                    if case == "c":
+                        gcs = [s == "on" for s in args.sweep_trl_ckpt.split(",")]
+                    trl_specs = [{**spec, "framework": "trl", "trl_gc": gc} for gc in gcs]
+                    runs = []
+                    for rep in range(args.sweep_repeats if case == "c" else args.repeats):  # alternate, and swap who goes first each repeat
+                        order = trl_specs + [{**spec, "framework": "preftune", "trl_gc": None, "preftune_gc": gc}
+                                             for gc in (s == "on" for s in args.preftune_ckpt.split(","))]  # fmt: skip
+                        for s in order if rep % 2 == 0 else order[::-1]:
+                            started = time.time()
+                            runs.append(launch(s))
+                            print(f"  {case} {ft} {precision} P={prompt_len} {label(runs[-1])}: "
+                                  f"{runs[-1]['seconds']:.1f}s train, {runs[-1]['peak_rss_mb']:.0f} MB "
+                                  f"({time.time() - started:.0f}s wall)", file=sys.stderr, flush=True)  # fmt: skip
+                    title = {"a": "(a) sycophancy pairs", "b": "(b) long prompts (500+ tokens)",
+                             "c": f"(c) prompt length {prompt_len}"}[case]  # fmt: skip
+                    groups.append((f"{title}, {ft}, {precision}", runs))
+                    print_table(groups[-1][0], summarize(runs))
+
+    print("\n## Summary\n")
+    print("| case | fine-tuning | precision | prompt tokens | TRL s/step | preftune | preftune s/step | "
+          "throughput ratio | TRL peak MB | preftune peak MB | memory ratio |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for title, runs in groups:
+        rows = summarize(runs)
+        case, ft, precision = title.rsplit(", ", 2)
+        for ours in (r for r in rows if r["setting"].startswith("preftune")):
+            fastest = next(r for r in rows if r["setting"] == ours["speedup_vs"])
+            leanest = next(r for r in rows if r["setting"] == ours["memory_vs"])
+            print(f"| {case} | {ft} | {precision} | {ours['prompt_tokens_mean']:.0f} | {fastest['s_per_step']:.2f} "
+                  f"({fastest['setting']}) | {ours['setting']} | {ours['s_per_step']:.2f} | {ours['speedup']:.2f}x | "
+                  f"{leanest['peak_rss_mb']:.0f} ({leanest['setting']}) | {ours['peak_rss_mb']:.0f} | "
+                  f"{ours['memory_ratio']:.2f}x |")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps([r for _, runs in groups for r in runs], indent=1))
+
+
+if __name__ == "__main__":
+    main()
