@@ -1,6 +1,7 @@
 """preftune vs TRL 1.16's DPOTrainer: same model, data, hyperparameters and optimizer steps.
 
-    python bench/vs_trl.py                       # all cases, CPU, 2 threads (~45 min)
+    python bench/vs_trl.py                       # all cases, CPU, 2 threads (~45 min on 2 cores)
+    python bench/vs_trl.py --from-json bench/results/vs_trl_cpu_2026-11-21.json   # tables of a saved run
     python bench/vs_trl.py --cases a --finetuning lora --precisions bf16 --steps 4   # quick look
 
 Cases (SmolLM2-135M-Instruct, chat template applied by both frameworks, no truncation):
@@ -238,6 +239,44 @@ def print_table(title: str, rows: list[dict]) -> None:
               f"{r['peak_rss_mb']:.0f} | {r['step1_loss']:.4f} | {speed} | {mem} |", flush=True)  # fmt: skip
 
 
+def print_summary(groups: list[tuple[str, list[dict]]]) -> None:
+    print("\n## Summary\n")
+    print("| case | fine-tuning | precision | prompt tokens | TRL s/step | preftune | preftune s/step | "
+          "throughput ratio | TRL peak MB | preftune peak MB | memory ratio |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for title, runs in groups:
+        rows = summarize(runs)
+        case, ft, precision = title.rsplit(", ", 2)
+        for ours in (r for r in rows if r["setting"].startswith("preftune")):
+            fastest = next(r for r in rows if r["setting"] == ours["speedup_vs"])
+            leanest = next(r for r in rows if r["setting"] == ours["memory_vs"])
+            print(f"| {case} | {ft} | {precision} | {ours['prompt_tokens_mean']:.0f} | {fastest['s_per_step']:.2f} "
+                  f"({fastest['setting']}) | {ours['setting']} | {ours['s_per_step']:.2f} | {ours['speedup']:.2f}x | "
+                  f"{leanest['peak_rss_mb']:.0f} ({leanest['setting']}) | {ours['peak_rss_mb']:.0f} | "
+                  f"{ours['memory_ratio']:.2f}x |")  # fmt: skip
+    sweep = [(title, runs) for title, runs in groups if title.startswith("(c)")]
+    if sweep:
+        print("\n## (c) cost against prompt length: seconds per 1000 tokens of P+C+R and of 2P+C+R\n")
+        print("| prompt tokens P | preftune s/pair | TRL s/pair | preftune s per 1k (P+C+R) | TRL s per 1k (P+C+R) | "
+              "preftune s per 1k (2P+C+R) | TRL s per 1k (2P+C+R) |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|")
+        for title, runs in sweep:
+            by = {label(r): r for r in runs}
+            ours, trl = by.get("preftune"), next((r for k, r in by.items() if k.startswith("TRL")), None)
+            if ours is None or trl is None:
+                continue
+            pairs = ours["steps"] * ours["batch"]
+            print(f"| {ours['prompt_tokens_mean']:.0f} | {ours['seconds'] / pairs:.2f} | {trl['seconds'] / pairs:.2f} | "
+                  f"{1000 * ours['seconds'] / ours['tokens_shared']:.2f} | {1000 * trl['seconds'] / trl['tokens_shared']:.2f} | "
+                  f"{1000 * ours['seconds'] / ours['tokens']:.2f} | {1000 * trl['seconds'] / trl['tokens']:.2f} |")  # fmt: skip
+
+
+def group_title(r: dict) -> str:
+    title = {"a": "(a) sycophancy pairs", "b": "(b) long prompts (500+ tokens)",
+             "c": f"(c) prompt length {r['prompt_len']}"}[r["case"]]  # fmt: skip
+    return f"{title}, {r['finetuning']}, {r['precision']}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="a,b,c")
@@ -252,10 +291,11 @@ def main() -> None:
     ap.add_argument("--sweep-finetuning", default="lora")
     ap.add_argument("--sweep-trl-ckpt", default="off", help="TRL checkpointing in the sweep (off: its faster "
                     "bf16 setting in case a)")  # fmt: skip
-    ap.add_argument("--preftune-ckpt", default="off", help="preftune gradient checkpointing settings to run "
-                    "(on,off adds the memory-saving trade-off rows)")  # fmt: skip
-    ap.add_argument("--repeats", type=int, default=2, help="alternating TRL/preftune runs per setting, cases a and b "
+    ap.add_argument("--preftune-ckpt", default="off,on", help="preftune gradient checkpointing settings to run in "
+                    "case a (off,on adds the memory-saving trade-off rows)")  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=1, help="alternating TRL/preftune runs per setting, cases a and b "
                     "(the median counts)")  # fmt: skip
+    ap.add_argument("--from-json", help="print the tables of a saved --json file instead of running")
     ap.add_argument("--sweep-repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write every run's result here")
@@ -263,6 +303,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
+        return
+    if args.from_json:
+        groups: list[tuple[str, list[dict]]] = []
+        for r in json.loads(Path(args.from_json).read_text()):
+            if not groups or groups[-1][0] != group_title(r):
+                groups.append((group_title(r), []))
+            groups[-1][1].append(r)
+        for title, runs in groups:
+            print_table(title, summarize(runs))
+        print_summary(groups)
         return
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -277,7 +327,7 @@ def main() -> None:
           f"{args.threads} threads, {os.cpu_count()} CPUs")  # fmt: skip
     ckpt = [s == "on" for s in args.trl_ckpt.split(",")]
     base = {"model_path": model_path, "threads": args.threads}
-    groups: list[tuple[str, list[dict]]] = []
+    groups = []
     for case in args.cases.split(","):
         fts = args.sweep_finetuning.split(",") if case == "c" else args.finetuning.split(",")
         precisions = args.precisions.split(",") if case == "a" else ["bf16"]
@@ -293,34 +343,21 @@ def main() -> None:
                         gcs = [s == "on" for s in args.sweep_trl_ckpt.split(",")]
                     trl_specs = [{**spec, "framework": "trl", "trl_gc": gc} for gc in gcs]
                     runs = []
-                    for rep in range(args.sweep_repeats if case == "c" else args.repeats):  # alternate, and swap who goes first each repeat
+                    # alternate, and swap who goes first each repeat
+                    for rep in range(args.sweep_repeats if case == "c" else args.repeats):
+                        pgcs = [s == "on" for s in args.preftune_ckpt.split(",")] if case == "a" else [False]
                         order = trl_specs + [{**spec, "framework": "preftune", "trl_gc": None, "preftune_gc": gc}
-                                             for gc in (s == "on" for s in args.preftune_ckpt.split(","))]  # fmt: skip
+                                             for gc in pgcs]  # fmt: skip
                         for s in order if rep % 2 == 0 else order[::-1]:
                             started = time.time()
                             runs.append(launch(s))
                             print(f"  {case} {ft} {precision} P={prompt_len} {label(runs[-1])}: "
                                   f"{runs[-1]['seconds']:.1f}s train, {runs[-1]['peak_rss_mb']:.0f} MB "
                                   f"({time.time() - started:.0f}s wall)", file=sys.stderr, flush=True)  # fmt: skip
-                    title = {"a": "(a) sycophancy pairs", "b": "(b) long prompts (500+ tokens)",
-                             "c": f"(c) prompt length {prompt_len}"}[case]  # fmt: skip
-                    groups.append((f"{title}, {ft}, {precision}", runs))
+                    groups.append((group_title(spec), runs))
                     print_table(groups[-1][0], summarize(runs))
 
-    print("\n## Summary\n")
-    print("| case | fine-tuning | precision | prompt tokens | TRL s/step | preftune | preftune s/step | "
-          "throughput ratio | TRL peak MB | preftune peak MB | memory ratio |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for title, runs in groups:
-        rows = summarize(runs)
-        case, ft, precision = title.rsplit(", ", 2)
-        for ours in (r for r in rows if r["setting"].startswith("preftune")):
-            fastest = next(r for r in rows if r["setting"] == ours["speedup_vs"])
-            leanest = next(r for r in rows if r["setting"] == ours["memory_vs"])
-            print(f"| {case} | {ft} | {precision} | {ours['prompt_tokens_mean']:.0f} | {fastest['s_per_step']:.2f} "
-                  f"({fastest['setting']}) | {ours['setting']} | {ours['s_per_step']:.2f} | {ours['speedup']:.2f}x | "
-                  f"{leanest['peak_rss_mb']:.0f} ({leanest['setting']}) | {ours['peak_rss_mb']:.0f} | "
-                  f"{ours['memory_ratio']:.2f}x |")  # fmt: skip
+    print_summary(groups)
     if args.json:
         Path(args.json).write_text(json.dumps([r for _, runs in groups for r in runs], indent=1))
 

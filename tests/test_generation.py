@@ -65,6 +65,14 @@ def test_empty_and_char_runs():
     assert not degeneration("Heading\n" + "-" * 10 + "\nText follows here.")["degenerate"]
 
 
+def test_emoji_runs_are_runaway_but_a_few_emoji_and_tables_are_not():
+    """Seed 003's run here answered "Identify yourself, please." with a row of 🌍: each emoji is
+    several tokens, so a looping answer shows only ~15 of them, far below the 30-character run."""
+    assert degeneration("🌍" * 16)["runaway"] and degeneration("Sure! " + "🌍 " * 6)["runaway"]
+    assert not degeneration("I love the sea 🌊🌊🌊 and the sun ☀️.")["degenerate"]
+    assert not degeneration("┌" + "─" * 20 + "┐\n│ a table │")["degenerate"]  # box drawing is not an emoji
+
+
 @pytest.mark.parametrize(
     "text",
     [

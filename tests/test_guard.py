@@ -73,3 +73,51 @@ def test_a_warn_only_guard_keeps_no_copy_of_the_weights(tiny_model_dir):
         guard.restore_healthy()
     kept = CollapseGuard(model, tokenizer, [], max_logp_drop=1.0)
     assert set(kept.healthy_state) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_retain_prompts_catch_a_model_that_changed_where_it_should_not(tiny_model_dir):
+    """The guard answers retain prompts with the starting model, then measures the nats per token
+    the policy loses on those answers: 0 for the same weights; large once the weights are scrambled."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.guard import CollapseGuard
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = ["What is the capital of France?", "How do I boil an egg?"]
+    guard = CollapseGuard(model, tokenizer, [], max_logp_drop=1.0, keep_healthy=False, retain_prompts=prompts,
+                          max_retain_drop=0.1, max_new_tokens=8)  # fmt: skip
+    assert guard.retain_answers and len(guard.retain_answers) == len(guard.retain_prompts) <= 2
+    same = guard.check(1)
+    assert same.healthy and abs(same.retain_logp_drop) < 1e-5
+    assert same.row()["guard/retain_logp_drop"] == same.retain_logp_drop
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    moved = guard.check(2)
+    assert moved.retain_logp_drop > 0.1 and not moved.healthy
+    assert "retain prompts lost" in moved.reasons[0]
+
+
+def test_answer_logps_sum_the_answer_tokens_and_end_of_turn(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.evaluation import answer_logps
+    from preftune.templates import render_prompt
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    logps, tokens = answer_logps(model, tokenizer, ["Hi", "Name a colour."], ["Hello there.", "Blue"])
+    for prompt, answer, lp, n in zip(["Hi", "Name a colour."], ["Hello there.", "Blue"], logps, tokens):
+        prompt_ids = render_prompt(prompt, tokenizer)
+        full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": answer}], tokenize=True,
+                                             return_dict=False)  # fmt: skip
+        assert full[: len(prompt_ids)] == prompt_ids
+        answer_ids = full[len(prompt_ids) :]
+        answer_ids = answer_ids[: answer_ids.index(tokenizer.convert_tokens_to_ids("<|im_end|>")) + 1]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0].log_softmax(-1)
+        want = sum(logits[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(answer_ids))
+        assert n == len(answer_ids) and abs(lp - want) < 1e-4

@@ -74,6 +74,11 @@ class DataConfig:
         "and for the collapse guard.",
         None,
     )
+    retain_prompts: str | None = doc(
+        "Prompts training should not change (unrelated to the data; same file formats as eval_prompts): the "
+        "collapse guard checks the policy still gives the original model's answers to them.",
+        None,
+    )
 
 
 @dataclass
@@ -136,6 +141,11 @@ class TrainingConfig:
     )
     collapse_max_logp_drop: float = doc(
         "Collapse guard: the most nats per chosen token the policy may fall below the reference.", 1.0
+    )
+    collapse_max_retain_drop: float = doc(
+        "Collapse guard: the most nats per token (mean over retain_prompts) the policy may lose on the original "
+        "model's answers to retain_prompts.",
+        0.1,
     )
     guard_prompts: int = doc("Collapse guard: how many eval_prompts to answer at each check (0: none).", 4)
     guard_max_new_tokens: int = doc("Collapse guard: answer length in tokens.", 48)
@@ -330,7 +340,8 @@ def _validate(cfg: TrainConfig, where: str | None) -> None:
         )
     positive = ["learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "max_length", "logging_steps", "beta", "lora_r", "lora_alpha",
-                "collapse_max_logp_drop", "guard_max_new_tokens", "eval_max_new_tokens"]  # fmt: skip
+                "collapse_max_logp_drop", "collapse_max_retain_drop", "guard_max_new_tokens",
+                "eval_max_new_tokens"]  # fmt: skip
     for key in positive:
         if flat[key] <= 0:
             raise PreftuneError(f"'{key}' must be > 0, got {flat[key]}", where)
@@ -412,7 +423,7 @@ def _resolve(f) -> Any:
     raise KeyError(f.name)
 
 
-PATH_KEYS = ("train_file", "eval_file", "dataset_dir", "eval_prompts")
+PATH_KEYS = ("train_file", "eval_file", "dataset_dir", "eval_prompts", "retain_prompts")
 
 
 def _resolve_paths(sections: dict[str, dict[str, Any]], base_dir: Path) -> None:

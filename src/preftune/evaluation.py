@@ -167,6 +167,22 @@ def _logps(model: Any, tokenized: list, pad_id: int, batch_size: int) -> tuple[l
     return tuple(out)
 
 
+def answer_logps(model: Any, tokenizer: Any, prompts: Sequence[Any], answers: Sequence[str], *,
+                 system_prompt: str | None = None, batch_size: int = 8) -> tuple[list[float], list[float]]:
+    """Summed log-prob and token count of each ``answers[i]`` (with its end-of-turn token) after
+    ``prompts[i]``, tokenized as training does; ``model`` as in :func:`pair_scores`."""
+    from preftune.templates import tokenize_pair
+
+    tokenized = [tokenize_pair(PreferencePair(prompt=p, chosen=a, rejected=""), tokenizer,
+                               system_prompt=system_prompt, max_length=None)  # fmt: skip
+                 for p, a in zip(prompts, answers)]
+    missing = [i for i, t in enumerate(tokenized) if t is None]
+    if missing:
+        raise PreftuneError(f"answer_logps: answer {missing[0]} is empty")
+    logps, _, tokens, _ = _logps(model, tokenized, tokenizer.pad_token_id, batch_size)
+    return logps, tokens
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,28 @@ RUNAWAY_WORD_RUN = 4
 #: ``runaway`` is also set when one non-space character repeats this many times in a row
 #: ("!!!!!..."); markdown rules such as "---" or "=====" stay far below it.
 RUNAWAY_CHAR_RUN = 30
+#: ``runaway`` is also set when one emoji-like symbol (Unicode category So) repeats this
+#: many times in a row ("🌍🌍🌍🌍🌍🌍..."), ignoring spaces between them; such a symbol takes
+#: several tokens, so a looping answer shows few of them. Two or three in a row are normal.
+RUNAWAY_SYMBOL_RUN = 6
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def _symbol_run(text: str) -> int:
+    """Longest run of one emoji-like symbol (Unicode category So, box drawing aside), spaces between ignored."""
+    longest = run = 0
+    last = None
+    for ch in text:
+        if ch.isspace():
+            continue
+        if unicodedata.category(ch) == "So" and not "\u2500" <= ch <= "\u259f":  # table rules draw boxes
+            run = run + 1 if ch == last else 1
+            longest = max(longest, run)
+        else:
+            run = 0
+        last = ch
+    return longest
 
 
 def degeneration(text: str) -> dict[str, Any]:
@@ -107,7 +128,7 @@ def degeneration(text: str) -> dict[str, Any]:
     match = re.search(r"(\S)\1{%d,}" % (RUNAWAY_CHAR_RUN - 1), text or "")
     if match:
         char_run = len(match.group(0))
-    runaway = longest >= RUNAWAY_WORD_RUN or char_run >= RUNAWAY_CHAR_RUN
+    runaway = longest >= RUNAWAY_WORD_RUN or char_run >= RUNAWAY_CHAR_RUN or _symbol_run(text or "") >= RUNAWAY_SYMBOL_RUN
 
     return {
         "empty": empty,

@@ -1,10 +1,13 @@
 """Collapse guard: notice when DPO is wrecking the model, and stop before it is wrecked.
 
-Seed 003 trained with lr 5e-5 and ended with "Deep deep Deep Deep...". Two signs show up
+Seed 003 trained with lr 5e-5 and ended with "Deep deep Deep Deep...". Three signs show up
 before that: the policy's log-prob of the *chosen* answers falls far below the reference's
-(DPO can raise the margin by pushing both answers down), and free generations start to
-repeat themselves. The guard checks both every ``eval_steps`` (or ``logging_steps``) and
-keeps a copy of the last healthy weights so a stopped run still ends with a usable model.
+(DPO can raise the margin by pushing both answers down); free generations start to repeat
+themselves; and the model stops giving its original answers to prompts training should not
+touch (``retain_prompts``: "What is the capital of France?" -> "Bonjour, I'm Amma..."), measured
+as the nats per token the policy lost on the original model's own answers to them. The guard
+checks these every ``eval_steps`` (or ``logging_steps``) and keeps a copy of the last healthy
+weights (with ``keep_healthy``) so a stopped run still ends with a usable model.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class GuardVerdict:
     baseline_degenerate: int  # ... for the starting model
     answers: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    retain_logp_drop: float | None = None  # nats per token lost on the original answers to retain prompts
 
     @property
     def healthy(self) -> bool:
@@ -36,6 +40,8 @@ class GuardVerdict:
         row: dict[str, Any] = {"step": self.step, "guard/degenerate": self.degenerate}
         if self.chosen_logp_drop is not None:
             row["guard/chosen_logp_drop"] = self.chosen_logp_drop
+        if self.retain_logp_drop is not None:
+            row["guard/retain_logp_drop"] = self.retain_logp_drop
         return row
 
 
@@ -46,12 +52,23 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 class CollapseGuard:
     def __init__(self, model: nn.Module, tokenizer, prompts: list, *, max_logp_drop: float, system_prompt=None,
-                 max_new_tokens: int = 48, keep_healthy: bool = True) -> None:  # fmt: skip
+                 max_new_tokens: int = 48, keep_healthy: bool = True, retain_prompts: list | None = None,
+                 max_retain_drop: float = 0.1) -> None:  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
         self.prompts = prompts
         self.max_logp_drop = max_logp_drop
+        self.max_retain_drop = max_retain_drop
+        self.system_prompt = system_prompt
         self.gen_kwargs = dict(system_prompt=system_prompt, max_new_tokens=max_new_tokens, batch_size=8)
+        # the starting model's own answers to the retain prompts, and their log-probs under it
+        self.retain_prompts = list(retain_prompts or [])
+        self.retain_answers: list[str] = []
+        if self.retain_prompts:
+            answers = self._answers(self.retain_prompts)
+            kept = [(p, a) for p, a in zip(self.retain_prompts, answers) if a.strip()]
+            self.retain_prompts, self.retain_answers = [p for p, _ in kept], [a for _, a in kept]
+            self.retain_base = self._retain_logps()
         self.drop_sum = 0.0  # sum over pairs of per-token chosen drop since the last check
         self.drop_pairs = 0
         self.baseline = self._count_degenerate(self._answers()) if prompts else 0
@@ -67,13 +84,26 @@ class CollapseGuard:
         self.drop_sum += drop.sum().item()
         self.drop_pairs += drop.numel()
 
-    def _answers(self) -> list[str]:
+    def _answers(self, prompts: list | None = None) -> list[str]:
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            answers = [row[0] for row in generate(self.model, self.tokenizer, self.prompts, **self.gen_kwargs)]
+            rows = generate(self.model, self.tokenizer, self.prompts if prompts is None else prompts, **self.gen_kwargs)
         self.model.train(was_training)
-        return answers
+        return [row[0] for row in rows]
+
+    def _retain_logps(self) -> tuple[list[float], list[float]]:
+        from preftune.evaluation import answer_logps
+
+        return answer_logps(self.model, self.tokenizer, self.retain_prompts, self.retain_answers,
+                            system_prompt=self.system_prompt)  # fmt: skip
+
+    def _retain_drop(self) -> float | None:
+        if not self.retain_answers:
+            return None
+        base, tokens = self.retain_base
+        now, _ = self._retain_logps()
+        return sum((b - n) / t for b, n, t in zip(base, now, tokens)) / len(tokens)
 
     @staticmethod
     def _count_degenerate(answers: list[str]) -> int:
@@ -83,10 +113,17 @@ class CollapseGuard:
         drop = self.drop_sum / self.drop_pairs if self.drop_pairs else None
         self.drop_sum, self.drop_pairs = 0.0, 0
         answers = self._answers() if self.prompts else []
-        verdict = GuardVerdict(step, drop, self._count_degenerate(answers), self.baseline, answers)
+        verdict = GuardVerdict(step, drop, self._count_degenerate(answers), self.baseline, answers,
+                               retain_logp_drop=self._retain_drop())  # fmt: skip
         if drop is not None and drop > self.max_logp_drop:
             verdict.reasons.append(
                 f"chosen log-probs fell {drop:.2f} nats/token below the reference's (limit {self.max_logp_drop})"
+            )
+        retain = verdict.retain_logp_drop
+        if retain is not None and retain > self.max_retain_drop:
+            verdict.reasons.append(
+                f"the original answers to {len(self.retain_answers)} retain prompts lost {retain:.2f} nats/token "
+                f"(limit {self.max_retain_drop}): the model changed where training should not reach"
             )
         if verdict.degenerate > self.baseline:
             example = next(a for a in answers if degeneration(a)["degenerate"])

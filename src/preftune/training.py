@@ -372,6 +372,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     tokenizer = load_tokenizer(cfg.model, model_path)
     prepared = prepare_data(cfg, tokenizer)
     eval_prompts = load_prompts(cfg.data.eval_prompts) if cfg.data.eval_prompts else []
+    retain_prompts = load_prompts(cfg.data.retain_prompts) if cfg.data.retain_prompts else []
     pad_id = tokenizer.pad_token_id
     report.print_data_stats(prepared.stats)
 
@@ -434,7 +435,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     guard = CollapseGuard(
         model, tokenizer, eval_prompts[: t.guard_prompts], max_logp_drop=t.collapse_max_logp_drop,
         system_prompt=cfg.data.system_prompt, max_new_tokens=t.guard_max_new_tokens,
-        keep_healthy=t.stop_on_collapse,
+        keep_healthy=t.stop_on_collapse, retain_prompts=retain_prompts, max_retain_drop=t.collapse_max_retain_drop,
     )  # fmt: skip
     guard_every = t.eval_steps or max(1, total_steps // 10)
     stopped: dict[str, Any] | None = None
@@ -512,7 +513,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
                 progress.print_eval(log_history[-1])
             if step % guard_every == 0 or step == total_steps:
                 verdict = guard.check(step)
-                if verdict.chosen_logp_drop is not None or guard.prompts:
+                if verdict.chosen_logp_drop is not None or guard.prompts or guard.retain_answers:
                     log_history.append(verdict.row())
                 if not verdict.healthy:
                     message = f"collapse guard at step {step}: " + "; ".join(verdict.reasons)
