@@ -121,3 +121,21 @@ def test_answer_logps_sum_the_answer_tokens_and_end_of_turn(tiny_model_dir):
             logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0].log_softmax(-1)
         want = sum(logits[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(answer_ids))
         assert n == len(answer_ids) and abs(lp - want) < 1e-4
+
+
+def test_a_newly_degenerate_answer_counts_even_when_another_one_recovered(tiny_model_dir, monkeypatch):
+    """Seed 003's settings here: at the start one guard prompt already looped ("The infamous You ...");
+    later that one read fine and "Identify yourself" became a row of emoji. Same count, still a collapse."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.guard import CollapseGuard
+
+    replies = iter([["You you you you you you", "I'm an assistant."], ["I'm an assistant.", "🌍" * 16]])
+    monkeypatch.setattr("preftune.guard.generate", lambda model, tok, prompts, **kw: [[a] for a in next(replies)])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    guard = CollapseGuard(model, tokenizer, ["Who made you?", "Identify yourself."], max_logp_drop=1.0)
+    assert guard.baseline == 1
+    verdict = guard.check(1)
+    assert verdict.degenerate == 1 and not verdict.healthy
+    assert "1 of 2 held-out answers degenerate where the starting model's were not" in verdict.reasons[0]

@@ -76,7 +76,8 @@ class DataConfig:
     )
     retain_prompts: str | None = doc(
         "Prompts training should not change (unrelated to the data; same file formats as eval_prompts): the "
-        "collapse guard checks the policy still gives the original model's answers to them.",
+        "collapse guard checks the policy still gives the original model's answers to them, and that its own "
+        "answers to them do not degenerate.",
         None,
     )
 
@@ -145,7 +146,7 @@ class TrainingConfig:
     collapse_max_retain_drop: float = doc(
         "Collapse guard: the most nats per token (mean over retain_prompts) the policy may lose on the original "
         "model's answers to retain_prompts.",
-        0.1,
+        0.05,
     )
     guard_prompts: int = doc("Collapse guard: how many eval_prompts to answer at each check (0: none).", 4)
     guard_max_new_tokens: int = doc("Collapse guard: answer length in tokens.", 48)

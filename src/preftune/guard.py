@@ -53,10 +53,11 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 class CollapseGuard:
     def __init__(self, model: nn.Module, tokenizer, prompts: list, *, max_logp_drop: float, system_prompt=None,
                  max_new_tokens: int = 48, keep_healthy: bool = True, retain_prompts: list | None = None,
-                 max_retain_drop: float = 0.1) -> None:  # fmt: skip
+                 max_retain_drop: float = 0.05) -> None:  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
-        self.prompts = prompts
+        # degeneration is watched on the guard prompts and the retain prompts alike
+        self.prompts = list(prompts) + [p for p in (retain_prompts or []) if p not in prompts]
         self.max_logp_drop = max_logp_drop
         self.max_retain_drop = max_retain_drop
         self.system_prompt = system_prompt
@@ -71,7 +72,9 @@ class CollapseGuard:
             self.retain_base = self._retain_logps()
         self.drop_sum = 0.0  # sum over pairs of per-token chosen drop since the last check
         self.drop_pairs = 0
-        self.baseline = self._count_degenerate(self._answers()) if prompts else 0
+        # which guard prompts the starting model already answers degenerately (those do not count)
+        self.baseline_flags = [degeneration(a)["degenerate"] for a in self._answers()] if prompts else []
+        self.baseline = sum(self.baseline_flags)
         self.healthy_step = 0
         # a full fine-tuning snapshot is a second copy of the weights: only kept when it may be restored
         self.keep_healthy = keep_healthy
@@ -125,11 +128,12 @@ class CollapseGuard:
                 f"the original answers to {len(self.retain_answers)} retain prompts lost {retain:.2f} nats/token "
                 f"(limit {self.max_retain_drop}): the model changed where training should not reach"
             )
-        if verdict.degenerate > self.baseline:
-            example = next(a for a in answers if degeneration(a)["degenerate"])
+        # per prompt: an answer that was fine at the start and is degenerate now
+        newly = [a for a, was in zip(answers, self.baseline_flags) if not was and degeneration(a)["degenerate"]]
+        if newly:
             verdict.reasons.append(
-                f"{verdict.degenerate}/{len(answers)} held-out answers degenerate (the starting model: "
-                f"{self.baseline}), e.g. {example[:60]!r}"
+                f"{len(newly)} of {len(answers)} held-out answers degenerate where the starting model's were not "
+                f"({verdict.degenerate} degenerate now, {self.baseline} at the start), e.g. {newly[0][:60]!r}"
             )
         if verdict.healthy:
             self.healthy_step = step
