@@ -76,13 +76,16 @@ def make_pairs(vocab: int, seed: int = 0) -> list[TokenizedPair]:
     return [TokenizedPair(ids(p), ids(c), ids(r)) for p, c, r in shapes]
 
 
-def step(model, pairs, pad, mode, device, bf16):
+def forward_mode(model, pairs, pad, mode, device, bf16):
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with autocast:
         if mode == "padded":
-            out = forward_padded(model, collate_padded(pairs, pad).to(device))
-        else:
-            out = forward_fast(model, pairs, pad_token_id=pad, max_tokens_per_row=MODES[mode])
+            return forward_padded(model, collate_padded(pairs, pad).to(device))
+        return forward_fast(model, pairs, pad_token_id=pad, max_tokens_per_row=MODES[mode])
+
+
+def step(model, pairs, pad, mode, device, bf16):
+    out = forward_mode(model, pairs, pad, mode, device, bf16)
     (out.chosen.logps - out.rejected.logps).sum().backward()
     model.zero_grad(set_to_none=True)
     return out
@@ -172,12 +175,7 @@ def main() -> None:
 
 
 def step_outputs(model, pairs, pad, mode, device, bf16) -> torch.Tensor:
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    with autocast:
-        if mode == "padded":
-            out = forward_padded(model, collate_padded(pairs, pad).to(device))
-        else:
-            out = forward_fast(model, pairs, pad_token_id=pad, max_tokens_per_row=MODES[mode])
+    out = forward_mode(model, pairs, pad, mode, device, bf16)
     return torch.cat([out.chosen.logps, out.rejected.logps]).float().cpu()
 
 

@@ -139,3 +139,28 @@ def test_a_newly_degenerate_answer_counts_even_when_another_one_recovered(tiny_m
     verdict = guard.check(1)
     assert verdict.degenerate == 1 and not verdict.healthy
     assert "1 of 2 held-out answers degenerate where the starting model's were not" in verdict.reasons[0]
+
+
+def test_retain_prompts_alone_are_answered_once_and_watched_for_degeneration(tiny_model_dir, monkeypatch):
+    """No guard prompts, only retain prompts (message lists allowed): the starting model answers them
+    in one generate call, and an answer that turns degenerate later stops the run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.guard import CollapseGuard
+
+    calls = []
+    replies = iter([["Paris is the capital.", "Boil it for eight minutes."],
+                    ["Paris is the capital.", "Boil boil boil boil boil"]])  # fmt: skip
+
+    def fake_generate(model, tok, prompts, **kw):
+        calls.append(list(prompts))
+        return [[a] for a in next(replies)]
+
+    monkeypatch.setattr("preftune.guard.generate", fake_generate)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    retain = ["What is the capital of France?", [{"role": "user", "content": "How do I boil an egg?"}]]
+    guard = CollapseGuard(model, tokenizer, [], max_logp_drop=1.0, keep_healthy=False, retain_prompts=retain)
+    assert len(calls) == 1 and guard.retain_answers == ["Paris is the capital.", "Boil it for eight minutes."]
+    verdict = guard.check(1)
+    assert not verdict.healthy and any("degenerate where the starting model's were not" in r for r in verdict.reasons)

@@ -62,19 +62,18 @@ class CollapseGuard:
         self.max_retain_drop = max_retain_drop
         self.system_prompt = system_prompt
         self.gen_kwargs = dict(system_prompt=system_prompt, max_new_tokens=max_new_tokens, batch_size=8)
-        # the starting model's own answers to the retain prompts, and their log-probs under it
-        self.retain_prompts = list(retain_prompts or [])
-        self.retain_answers: list[str] = []
-        if self.retain_prompts:
-            answers = self._answers(self.retain_prompts)
-            kept = [(p, a) for p, a in zip(self.retain_prompts, answers) if a.strip()]
-            self.retain_prompts, self.retain_answers = [p for p, _ in kept], [a for _, a in kept]
-            self.retain_base = self._retain_logps()
         self.drop_sum = 0.0  # sum over pairs of per-token chosen drop since the last check
         self.drop_pairs = 0
-        # which guard prompts the starting model already answers degenerately (those do not count)
-        self.baseline_flags = [degeneration(a)["degenerate"] for a in self._answers()] if prompts else []
+        # one generation by the starting model: which answers are already degenerate (those do not
+        # count), and its own answers to the retain prompts with their log-probs under it
+        start = self._answers() if self.prompts else []  # prompts may be message lists: matched by index
+        self.baseline_flags = [degeneration(a)["degenerate"] for a in start]
         self.baseline = sum(self.baseline_flags)
+        retain = [(p, start[self.prompts.index(p)]) for p in (retain_prompts or [])]
+        kept = [(p, a) for p, a in retain if a.strip()]
+        self.retain_prompts, self.retain_answers = [p for p, _ in kept], [a for _, a in kept]
+        if kept:
+            self.retain_base = self._retain_logps()
         self.healthy_step = 0
         # a full fine-tuning snapshot is a second copy of the weights: only kept when it may be restored
         self.keep_healthy = keep_healthy
@@ -87,11 +86,11 @@ class CollapseGuard:
         self.drop_sum += drop.sum().item()
         self.drop_pairs += drop.numel()
 
-    def _answers(self, prompts: list | None = None) -> list[str]:
+    def _answers(self) -> list[str]:
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            rows = generate(self.model, self.tokenizer, self.prompts if prompts is None else prompts, **self.gen_kwargs)
+            rows = generate(self.model, self.tokenizer, self.prompts, **self.gen_kwargs)
         self.model.train(was_training)
         return [row[0] for row in rows]
 
