@@ -160,3 +160,17 @@ def test_lora_target_list_adapts_only_those_modules(tiny_model_dir, tmp_path):
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     modules = {name.split(".")[-3] for name in adapter}
     assert modules == {"q_proj", "v_proj"}
+
+
+def test_heap_trimmer_trims_only_after_the_slack(monkeypatch):
+    """Post-step RSS 1000, 1100, 1300 (> 1000 + 256: trim), then a new floor 1050, 1200: one trim."""
+    import preftune.training as training
+
+    calls = []
+    monkeypatch.setattr(training, "_malloc_trim", lambda pad: calls.append(pad))
+    values = iter([1000.0, 1100.0, 1300.0, 1050.0, 1200.0])
+    monkeypatch.setattr(training, "current_rss_mb", lambda: next(values))
+    trimmer = training.HeapTrimmer(slack_mb=256)
+    for _ in range(5):
+        trimmer.after_step()
+    assert calls == [0] and trimmer.trims == 1

@@ -132,6 +132,12 @@ class TrainingConfig:
     max_tokens_per_row: int | None = doc(
         "Fast path: token budget of a packed row (default: the longest pair of the micro-batch).", None
     )
+    compact_frozen_weights: bool = doc(
+        "LoRA under bf16/fp16 autocast: keep the frozen base Linear weights in that dtype while training (autocast "
+        "casts them to it anyway: same numbers, less memory, no cast per step); final/ is merged from the fp32 "
+        "originals.",
+        True,
+    )
     precompute_ref_log_probs: bool | None = doc(
         "Compute the reference log-probs once before training and cache them under $PREFTUNE_HOME "
         "(default: on whenever the loss needs a reference).",

@@ -265,11 +265,14 @@ def _probe(model: nn.Module) -> str:
     pairs = [TokenizedPair([t % vocab for t in p], [t % vocab for t in c], [t % vocab for t in r]) for p, c, r in _PROBE_PAIRS]
     device = _device(model)
     dtype = base.get_input_embeddings().weight.dtype
-    exact = dtype in (torch.float32, torch.float64)
+    # weights in a lower precision than the embeddings (compact_frozen_linears) only run under autocast
+    lowest = min((p.dtype for p in model.parameters() if p.is_floating_point()), key=lambda d: torch.finfo(d).bits)
+    mixed = torch.finfo(lowest).bits < torch.finfo(dtype).bits
+    exact = dtype in (torch.float32, torch.float64) and not mixed
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(device.type, dtype=lowest, enabled=mixed):
             ref = forward_padded(model, collate_padded(pairs, 0).to(device))
             packed = pack_pairs(pairs, pad_token_id=0, max_tokens_per_row=10, device=device)
             plain_head = decoder is not None and head is not None and head_extra(base.config) is None

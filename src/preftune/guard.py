@@ -12,6 +12,7 @@ weights (with ``keep_healthy``) so a stopped run still ends with a usable model.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,9 +54,10 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 class CollapseGuard:
     def __init__(self, model: nn.Module, tokenizer, prompts: list, *, max_logp_drop: float, system_prompt=None,
                  max_new_tokens: int = 48, keep_healthy: bool = True, retain_prompts: list | None = None,
-                 max_retain_drop: float = 0.05) -> None:  # fmt: skip
+                 max_retain_drop: float = 0.05, autocast=contextlib.nullcontext) -> None:  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
+        self.autocast = autocast  # the training precision: the model may hold weights only valid under it
         # degeneration is watched on the guard prompts and the retain prompts alike
         self.prompts = list(prompts) + [p for p in (retain_prompts or []) if p not in prompts]
         self.max_logp_drop = max_logp_drop
@@ -89,7 +91,7 @@ class CollapseGuard:
     def _answers(self) -> list[str]:
         was_training = self.model.training
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             rows = generate(self.model, self.tokenizer, self.prompts, **self.gen_kwargs)
         self.model.train(was_training)
         return [row[0] for row in rows]
@@ -97,8 +99,9 @@ class CollapseGuard:
     def _retain_logps(self) -> tuple[list[float], list[float]]:
         from preftune.evaluation import answer_logps
 
-        return answer_logps(self.model, self.tokenizer, self.retain_prompts, self.retain_answers,
-                            system_prompt=self.system_prompt)  # fmt: skip
+        with self.autocast():
+            return answer_logps(self.model, self.tokenizer, self.retain_prompts, self.retain_answers,
+                                system_prompt=self.system_prompt)  # fmt: skip
 
     def _retain_drop(self) -> float | None:
         if not self.retain_answers:

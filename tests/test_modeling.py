@@ -1,0 +1,109 @@
+"""Model loading helpers: compacted frozen LoRA weights are a fast path with twins here."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from preftune import train
+from preftune.config import ModelConfig
+from preftune.forward import forward_fast
+from preftune.modeling import compact_frozen_linears, load_causal_lm, restore_frozen_linears
+from preftune.types import TokenizedPair
+
+
+def lora_model(model_dir):
+    model = load_causal_lm(model_dir, ModelConfig(), torch.float32, torch.device("cpu"))
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():  # B starts at zero in PEFT: give the adapter something to do
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return peft.train()
+
+
+PAIRS = [TokenizedPair([5, 6, 7, 8], [9, 10, 11], [12, 13]), TokenizedPair([14, 15], [16, 17, 18, 19], [20])]
+
+
+def logps_and_grads(model):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = forward_fast(model, PAIRS, pad_token_id=0)
+    (out.chosen.logps.sum() - 0.5 * out.rejected.logps.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return torch.cat([out.chosen.logps, out.rejected.logps]).detach(), grads
+
+
+def test_compacted_frozen_linears_equal_fp32_under_autocast(tiny_model_dir):
+    """Autocast casts each Linear weight to bf16 before the matmul, so storing the frozen ones
+    in bf16 must give the same log-probs and LoRA gradients, bit for bit."""
+    plain = lora_model(tiny_model_dir)
+    compact = copy.deepcopy(plain)
+    names = compact_frozen_linears(compact, torch.bfloat16)
+    # all frozen Linears but the (untied here) LM head: 2 layers x 7 projections
+    assert len(names) == 14 and all("lm_head" not in n for n in names)
+    base = compact.get_base_model().model.layers[0]
+    assert base.self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16  # LoRA-wrapped
+    assert base.self_attn.k_proj.weight.dtype == torch.bfloat16  # not a LoRA target, frozen all the same
+    assert base.self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32  # trained: untouched
+    a_logps, a_grads = logps_and_grads(plain)
+    b_logps, b_grads = logps_and_grads(compact)
+    assert torch.equal(a_logps, b_logps)
+    assert a_grads.keys() == b_grads.keys() and len(a_grads) == 12
+    for name in a_grads:
+        assert torch.equal(a_grads[name], b_grads[name]), name
+
+
+@pytest.mark.parametrize("source", ["safetensors", "reload"])
+def test_restore_puts_back_the_fp32_weights(tiny_model_dir, monkeypatch, source):
+    if source == "reload":  # model files that are not plain safetensors: the whole model is loaded again
+        monkeypatch.setattr("preftune.modeling._read_safetensors", lambda *a: None)
+    plain = lora_model(tiny_model_dir)
+    compact = copy.deepcopy(plain)
+    names = compact_frozen_linears(compact, torch.bfloat16)
+    q = compact.get_base_model().model.layers[1].self_attn.q_proj.base_layer.weight
+    original = plain.get_base_model().model.layers[1].self_attn.q_proj.base_layer.weight
+    assert not torch.equal(q.float(), original)  # bf16 lost bits: the restore has something to do
+    restore_frozen_linears(compact, names, tiny_model_dir, ModelConfig())
+    for (name, a), (_, b) in zip(plain.named_parameters(), compact.named_parameters()):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), name
+    merged_a = plain.merge_and_unload().state_dict()
+    merged_b = compact.merge_and_unload().state_dict()
+    assert all(torch.equal(merged_a[k], merged_b[k]) for k in merged_a)
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_bf16_lora_run_same_with_and_without_compaction(tiny_model_dir, tmp_path, guard):
+    """The whole run (loss curve, guard, final/ merged from fp32 originals) is unchanged."""
+    pairs = tmp_path / "pairs.jsonl"
+    prompts = ["The cat sat on", "Water boils at", "Hello, how are you?"]
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": f"Madrid {i}.", "rejected": f"dog {i}"}) + "\n"
+                             for i, p in enumerate(prompts * 3)))  # fmt: skip
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    common = dict(model_name_or_path=tiny_model_dir, train_file=str(pairs), bf16=True, max_steps=3, logging_steps=1,
+                  learning_rate=1e-2, progress=False, per_device_train_batch_size=3, eval_split=0.2)  # fmt: skip
+    if guard:
+        common.update(eval_prompts=str(tmp_path / "prompts.txt"), eval_steps=1, guard_max_new_tokens=8,
+                      eval_max_new_tokens=8, retain_prompts=str(tmp_path / "prompts.txt"))  # fmt: skip
+    runs = {}
+    for compact in (False, True):
+        out = tmp_path / f"run-{compact}"
+        summary = train({**common, "output_dir": str(out), "compact_frozen_weights": compact})
+        assert summary["compacted_frozen_linears"] == (14 if compact else 0)
+        runs[compact] = out
+    history = [json.loads((runs[c] / "log_history.json").read_text()) for c in (False, True)]
+    for row in history:
+        for r in row:
+            r.pop("tokens_per_second", None)
+    assert history[0] == history[1]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(runs[c] / "final" / "model.safetensors") for c in (False, True))
+    assert all(v.dtype == torch.float32 for v in b.values())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if guard:
+        eval_a, eval_b = (json.loads((runs[c] / "eval.json").read_text()) for c in (False, True))
+        assert eval_a["generations"] == eval_b["generations"]
+        assert any(r.get("guard/retain_logp_drop") is not None for r in history[1])
