@@ -19,8 +19,8 @@ steps); preftune the reference precompute plus the training loop. Throughput cou
 tokens for both: prompt+chosen plus prompt+rejected of every pair, as the chat template gives them.
 Model loading and dataset tokenization are outside the timing for both; peak RSS covers the whole
 process, preftune's saving of final/ and its report included (TRL saves nothing). Ratios at the
-same precision: against TRL's faster setting (the issue's baseline; here TRL without gradient
-checkpointing), against TRL with the same checkpointing setting as the preftune row, and the
+same precision: against TRL's faster setting (the issue's baseline: whichever TRL setting ran
+faster in that run), against TRL with the same checkpointing setting as the preftune row, and the
 memory against TRL's lowest-memory setting whatever its speed.
 """
 
@@ -238,7 +238,7 @@ def summarize(group: list[dict]) -> list[dict]:
 
 def _ratios(r: dict) -> list[str]:
     if "speedup" not in r:
-        return [""] * 5
+        return [""] * 4
     same = (f"{r['speedup_same']:.2f}x / {r['memory_ratio_same']:.2f}x vs {r['vs_same']}" if "vs_same" in r else "")
     return [f"{r['speedup']:.2f}x vs {r['vs_faster']}", f"{r['memory_ratio']:.2f}x vs {r['vs_faster']}", same,
             f"{r['memory_ratio_leanest']:.2f}x vs {r['vs_leanest']}"]  # fmt: skip
@@ -253,7 +253,7 @@ def print_table(title: str, rows: list[dict]) -> None:
     print(f"| setting | s/step | pairs/s | tokens/s | peak RSS MB | step-1 loss | {RATIO_HEADER} |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratios = " | ".join(_ratios(r)[:4])
+        ratios = " | ".join(_ratios(r))
         print(f"| {r['setting']} | {r['s_per_step']:.2f} | {r['pairs_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
               f"{r['peak_rss_mb']:.0f} | {r['step1_loss']:.4f} | {ratios} |", flush=True)  # fmt: skip
 
@@ -270,7 +270,7 @@ def print_summary(groups: list[tuple[str, list[dict]]]) -> None:
             faster = next(r for r in rows if r["setting"] == ours["vs_faster"])
             print(f"| {case} | {ft} | {precision} | {ours['prompt_tokens_mean']:.0f} | {faster['s_per_step']:.2f}, "
                   f"{faster['peak_rss_mb']:.0f} ({faster['setting']}) | {ours['setting']} | {ours['s_per_step']:.2f} | "
-                  f"{ours['peak_rss_mb']:.0f} | {' | '.join(_ratios(ours)[:4])} |")  # fmt: skip
+                  f"{ours['peak_rss_mb']:.0f} | {' | '.join(_ratios(ours))} |")  # fmt: skip
     sweep = [(title, runs) for title, runs in groups if title.startswith("(c)")]
     if sweep:
         print("\n## (c) cost against prompt length: seconds per 1000 tokens of P+C+R and of 2P+C+R\n")

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from preftune.batching import PaddedBatch, collate_padded
 from preftune.logprobs import SequenceLogps, completion_logps
+from preftune.modeling import unwrap_peft
 from preftune.packing import PackedRows, additive_mask, pack_pairs, packed_token_count
 from preftune.types import TokenizedPair
 
@@ -196,7 +197,7 @@ def head_extra(config) -> str | None:
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
     """(causal LM, its decoder body, its LM head); PEFT wrappers are looked through."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     decoder = head = None
     if hasattr(base, "get_decoder"):
         decoder = base.get_decoder()

@@ -110,15 +110,12 @@ class CollapseGuard:
         now, _ = self._retain_logps()
         return sum((b - n) / t for b, n, t in zip(base, now, tokens)) / len(tokens)
 
-    @staticmethod
-    def _count_degenerate(answers: list[str]) -> int:
-        return sum(degeneration(a)["degenerate"] for a in answers)
-
     def check(self, step: int) -> GuardVerdict:
         drop = self.drop_sum / self.drop_pairs if self.drop_pairs else None
         self.drop_sum, self.drop_pairs = 0.0, 0
         answers = self._answers() if self.prompts else []
-        verdict = GuardVerdict(step, drop, self._count_degenerate(answers), self.baseline, answers,
+        flags = [degeneration(a)["degenerate"] for a in answers]
+        verdict = GuardVerdict(step, drop, sum(flags), self.baseline, answers,
                                retain_logp_drop=self._retain_drop())  # fmt: skip
         if drop is not None and drop > self.max_logp_drop:
             verdict.reasons.append(
@@ -131,7 +128,7 @@ class CollapseGuard:
                 f"(limit {self.max_retain_drop}): the model changed where training should not reach"
             )
         # per prompt: an answer that was fine at the start and is degenerate now
-        newly = [a for a, was in zip(answers, self.baseline_flags) if not was and degeneration(a)["degenerate"]]
+        newly = [a for a, was, now in zip(answers, self.baseline_flags, flags) if now and not was]
         if newly:
             verdict.reasons.append(
                 f"{len(newly)} of {len(answers)} held-out answers degenerate where the starting model's were not "

@@ -170,7 +170,7 @@ def compact_frozen_linears(model: nn.Module, dtype: torch.dtype) -> list[str]:
     would compute in ``dtype``: call ``restore_frozen_linears`` before using it that way.
     Returns the compacted modules' names.
     """
-    hf = _hf_model(model)
+    hf = unwrap_peft(model)
     head, embed = hf.get_output_embeddings(), hf.get_input_embeddings()
     tied = embed.weight if embed is not None else None
     names = []
@@ -196,7 +196,7 @@ def restore_frozen_linears(model: nn.Module, names: list[str], model_path: str, 
     if not names:
         return
     device = next(model.parameters()).device
-    modules = dict(_hf_model(model).named_modules())
+    modules = dict(unwrap_peft(model).named_modules())
     keys = {name: name.removesuffix(".base_layer") + ".weight" for name in names}
     weights = _read_safetensors(model_path, list(keys.values()))
     if weights is None:
@@ -232,11 +232,12 @@ def _read_safetensors(model_path: str, keys: list[str]) -> dict[str, torch.Tenso
         with safe_open(root / file, framework="pt") as f:
             for key in keys:
                 if weight_map[key] == file:
-                    out[key] = f.get_tensor(key).to(torch.float32)
+                    out[key] = f.get_tensor(key)
     return out
 
 
-def _hf_model(model: nn.Module) -> nn.Module:
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

@@ -347,15 +347,18 @@ def precision_name(cfg: TrainConfig) -> str:
     return f"weights={cfg.model.dtype}|autocast={amp}"
 
 
+def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    return torch.bfloat16 if cfg.training.bf16 else torch.float16 if cfg.training.fp16 else None
+
+
 def make_autocast(cfg: TrainConfig, device: torch.device):
     # cache_enabled=False: the cache keeps every weight's low-precision cast until the forward
     # ends; each weight is cast once per forward anyway, and with gradient checkpointing the
     # casts then die layer by layer (-160 MB peak on SmolLM2-135M full fine-tuning, same numbers)
-    if cfg.training.bf16:
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
-    if cfg.training.fp16:
-        return lambda: torch.autocast(device.type, dtype=torch.float16, cache_enabled=False)
-    return nullcontext
+    dtype = autocast_dtype(cfg)
+    if dtype is None:
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
 def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, Any]:
@@ -419,7 +422,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
             gc.collect()
     # LoRA under autocast: frozen base weights in the autocast dtype (same numbers under autocast)
     compacted: list[str] = []
-    amp_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
+    amp_dtype = autocast_dtype(cfg)
     if t.compact_frozen_weights and amp_dtype is not None and cfg.model.finetuning_type == "lora":
         compacted = compact_frozen_linears(model, amp_dtype)
         gc.collect()
@@ -643,8 +646,8 @@ class HeapTrimmer:
         self.trims = 0
 
     def after_step(self) -> None:
-        rss = current_rss_mb()
-        if _malloc_trim is None or rss is None:
+        rss = current_rss_mb() if _malloc_trim is not None else None
+        if rss is None:
             return
         if self.floor is None:
             self.floor = rss
