@@ -18,6 +18,7 @@ from preftune.forward import (
     FAST,
     PACKED_FULL_LOGITS,
     PADDED,
+    TokenLogps,
     chunked_head_logps,
     fast_path_mode,
     forward_fast,
@@ -216,6 +217,27 @@ def test_chunked_head_logps_direct():
     torch.testing.assert_close(mean, logits.detach().mean(-1), **TOL)
     for a, b in zip(g_chunk, [hidden.grad, head.weight.grad, head.bias.grad]):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, TokenLogps.BLOCK_ROWS, TokenLogps.BLOCK_ROWS + 1, 3 * TokenLogps.BLOCK_ROWS - 5])
+def test_token_logps_blocks_equal_autograd(dtype, rows):
+    """The blocked fp32 log-softmax (forward and backward) == logits.float() -> gather - logsumexp
+    under plain autograd, bit for bit, for fp32 and bf16 logits and rows on either side of a block edge."""
+    torch.manual_seed(rows)
+    logits = (3 * torch.randn(rows, 300)).to(dtype).requires_grad_()
+    targets = torch.randint(0, 300, (rows,))
+    weights = torch.randn(rows)
+    as_float = logits.float()
+    plain = as_float.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(as_float, -1)
+    (plain * weights).sum().backward()
+    plain_grad, logits.grad = logits.grad, None
+    blocked, mean = TokenLogps.apply(logits, targets)
+    (blocked * weights).sum().backward()
+    assert torch.equal(blocked, plain)
+    assert torch.equal(mean, as_float.detach().mean(-1))
+    assert logits.grad.dtype == dtype
+    assert torch.equal(logits.grad, plain_grad)
 
 
 def test_lora_all_linear(chat_tokenizer):

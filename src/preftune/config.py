@@ -133,9 +133,9 @@ class TrainingConfig:
         "Fast path: token budget of a packed row (default: the longest pair of the micro-batch).", None
     )
     compact_frozen_weights: bool = doc(
-        "LoRA under bf16/fp16 autocast: keep the frozen base Linear weights in that dtype while training (autocast "
-        "casts them to it anyway: same numbers, less memory, no cast per step); final/ is merged from the fp32 "
-        "originals.",
+        "Under bf16/fp16 autocast, hold frozen Linear weights in that dtype (autocast casts them to it anyway: "
+        "same numbers, less memory, no cast per step): LoRA's base layers while training (final/ is merged from "
+        "the fp32 originals), and full fine-tuning's reference copy while it computes the cached log-probs.",
         True,
     )
     precompute_ref_log_probs: bool | None = doc(

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from preftune.types import TokenizedPair
 
-CACHE_VERSION = 2  # bump when the log-prob computation changes
+CACHE_VERSION = 3  # bump when the log-prob computation changes (3: batches in order of length)
 
 
 @dataclass
@@ -69,19 +69,26 @@ def fingerprint_pairs(pairs: list[TokenizedPair]) -> str:
 
 
 def compute_reference_logps(reference, pairs, forward, batch_size, autocast) -> RefLogps:
-    """``forward(model, pairs) -> PairForward`` is the trainer's forward (fast or padded path)."""
-    chosen, rejected = [], []
+    """``forward(model, pairs) -> PairForward`` is the trainer's forward (fast or padded path).
+
+    Batches take the pairs in order of length, so the rows of a batch are about as long as
+    each other and little of the work is padding; the result is in the order of ``pairs``.
+    """
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
+                   + len(pairs[i].rejected_ids))  # fmt: skip
+    chosen = torch.empty(len(pairs), dtype=torch.float32)
+    rejected = torch.empty(len(pairs), dtype=torch.float32)
     model = reference.model
     was_training = model.training
     model.eval()
     for i in range(0, len(pairs), batch_size):
+        batch = order[i : i + batch_size]
         with torch.inference_mode(), reference.context(), autocast():
-            out = forward(model, pairs[i : i + batch_size])
-            chosen.append(out.chosen.logps.float().cpu())
-            rejected.append(out.rejected.logps.float().cpu())
+            out = forward(model, [pairs[j] for j in batch])
+            logps = out.chosen.logps.float().cpu(), out.rejected.logps.float().cpu()
+        chosen[batch], rejected[batch] = logps  # outside inference mode: normal tensors, usable next to autograd
     model.train(was_training)
-    # cat outside inference mode: normal tensors, usable next to autograd
-    return RefLogps(torch.cat(chosen), torch.cat(rejected))
+    return RefLogps(chosen, rejected)
 
 
 def load_or_compute(

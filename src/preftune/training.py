@@ -405,8 +405,16 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     cached_train = cached_eval = None
     reference_mode = "none" if reference is None else "on the fly"
     reference_seconds = 0.0  # computing (or loading) the cached reference log-probs
+    # under autocast, frozen Linear weights can be held in the autocast dtype (same numbers, see
+    # compact_frozen_linears): LoRA's base layers, and the full fine-tuning reference copy when it
+    # only serves the precompute (it is dropped afterwards)
+    amp_dtype = autocast_dtype(cfg)
+    compact = t.compact_frozen_weights and amp_dtype is not None
+    compacted = compact_frozen_linears(model, amp_dtype) if compact and cfg.model.finetuning_type == "lora" else []
     if reference is not None and precompute:
         ref_started = time.time()
+        if compact and reference.frozen is not None:
+            compact_frozen_linears(reference.frozen, amp_dtype)
         cache_kwargs = dict(
             forward=forward, batch_size=t.per_device_eval_batch_size, autocast=autocast,
             precision=precision_name(cfg), cache_dir=preftune_home() / "ref_logps",
@@ -419,14 +427,8 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
         reference_mode = f"cached ({'reused' if hit else 'computed'} in {reference_seconds:.1f}s)"
         if reference.frozen is not None:  # full fine-tuning: the frozen copy is no longer needed
             reference = None
-            gc.collect()
-    # LoRA under autocast: frozen base weights in the autocast dtype (same numbers under autocast)
-    compacted: list[str] = []
-    amp_dtype = autocast_dtype(cfg)
-    if t.compact_frozen_weights and amp_dtype is not None and cfg.model.finetuning_type == "lora":
-        compacted = compact_frozen_linears(model, amp_dtype)
-        gc.collect()
-        return_free_memory()
+    gc.collect()
+    return_free_memory()
     train_ref = reference_source(reference, cached_train, forward, autocast, device)
     eval_ref = reference_source(reference, cached_eval, forward, autocast, device)
 
