@@ -1,5 +1,6 @@
 """Model loading helpers: compacted frozen LoRA weights are a fast path with twins here."""
 
+import contextlib
 import copy
 import json
 
@@ -107,3 +108,45 @@ def test_bf16_lora_run_same_with_and_without_compaction(tiny_model_dir, tmp_path
         eval_a, eval_b = (json.loads((runs[c] / "eval.json").read_text()) for c in (False, True))
         assert eval_a["generations"] == eval_b["generations"]
         assert any(r.get("guard/retain_logp_drop") is not None for r in history[1])
+
+
+def test_recast_weight_casts_same_gradients_less_saved(tiny_model_dir, monkeypatch):
+    """Full fine-tuning under bf16 autocast: backward recasting the fp32 weights instead of
+    keeping their bf16 casts gives the same log-probs and gradients, bit for bit, and none of
+    those casts is kept: every Linear weight (LM head included) is packed as a reference."""
+    from preftune.config import TrainConfig
+    from preftune.training import _pack_weight_cast, _unpack_weight_cast, make_autocast, recast_saved_weight_casts
+
+    recast_weights: list[torch.Tensor] = []
+
+    def counting_pack(t):
+        packed = _pack_weight_cast(t)
+        if isinstance(packed, tuple):
+            recast_weights.append(packed[0])
+        return packed
+
+    def run(hooks):
+        model = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, torch.device("cpu")).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), hooks:
+            out = forward_fast(model, PAIRS, pad_token_id=0)
+        (out.chosen.logps.sum() - 0.5 * out.rejected.logps.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return model, torch.cat([out.chosen.logps, out.rejected.logps]).detach(), grads
+
+    _, plain_logps, plain_grads = run(contextlib.nullcontext())
+    for hooks in (recast_saved_weight_casts(), torch.autograd.graph.saved_tensors_hooks(counting_pack, _unpack_weight_cast)):
+        model, logps, grads = run(hooks)
+        assert torch.equal(plain_logps, logps)
+        assert plain_grads.keys() == grads.keys()
+        for name in grads:
+            assert torch.equal(plain_grads[name], grads[name]), name
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert {id(w) for w in recast_weights} == linear_weights  # 2 layers x 7 projections + the LM head
+    recast_weights.clear()
+    monkeypatch.setattr("preftune.training._pack_weight_cast", counting_pack)
+    cfg = TrainConfig()
+    cfg.training.bf16 = True
+    weight = torch.nn.Parameter(torch.randn(5, 4))
+    with make_autocast(cfg, torch.device("cpu"))():  # the training autocast installs the hooks
+        y = torch.nn.functional.linear(torch.randn(3, 4, requires_grad=True) * 2, weight)  # not a leaf
+    assert y.dtype == torch.bfloat16 and len(recast_weights) == 1 and recast_weights[0] is weight
