@@ -174,3 +174,43 @@ def test_heap_trimmer_trims_only_after_the_slack(monkeypatch):
     for _ in range(5):
         trimmer.after_step()
     assert calls == [0] and trimmer.trims == 1
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_bf16_weight_grads_same_run(tiny_model_dir, tmp_path, accumulation):
+    """Full fine-tuning under bf16 autocast with Linear weight gradients held in bf16 (and added
+    in fp32 under accumulation) logs the same metrics and ends in the same weights, bit for bit,
+    as fp32 gradients with clip_grad_norm_ and one optimizer step; the clip binds (max_grad_norm
+    below the gradient norm), so its coefficient is exercised too."""
+    runs = {}
+    for held in (False, True):
+        out = tmp_path / f"held{held}"
+        cfg = base_config(tiny_model_dir, tmp_path, output_dir=str(out), finetuning_type="full", bf16=True,
+                          max_steps=3, per_device_train_batch_size=4 // accumulation,
+                          gradient_accumulation_steps=accumulation, max_grad_norm=0.5,
+                          bf16_weight_grads=held)  # fmt: skip
+        runs[held] = (train(cfg), rows(out), load_file(out / "final" / "model.safetensors"))
+    (plain_summary, plain_rows, plain_w), (summary, held_rows, held_w) = runs[False], runs[True]
+    assert "bf16_weight_grads" not in plain_summary
+    # 2 layers x 7 projections; the LM head of the tiny model is its own Linear, also held
+    assert summary["bf16_weight_grads"] == {"weights": 15, "kept_fp32": 0}
+    assert all(r["grad_norm"] > 0.5 for r in plain_rows)
+    keys = [k for k in plain_rows[0] if k not in ("tokens_per_second",)]
+    assert [{k: r[k] for k in keys} for r in plain_rows] == [{k: r[k] for k in keys} for r in held_rows]
+    assert plain_w.keys() == held_w.keys()
+    assert all(torch.equal(plain_w[k], held_w[k]) for k in plain_w)
+
+
+def test_bf16_weight_grads_fall_back_to_fp32_for_inexact(tiny_model_dir):
+    """A weight whose gradient is not a bf16 number (its layer ran outside autocast) keeps fp32."""
+    from preftune.config import ModelConfig
+    from preftune.modeling import load_causal_lm
+    from preftune.training import Bf16WeightGrads
+
+    model = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, torch.device("cpu"))
+    held = Bf16WeightGrads(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(input_ids=ids).logits.float().pow(2).mean().backward()  # fp32 throughout
+    assert len(held.grads) == 15 and len(held.fp32_only) == 15
+    assert all(g.dtype == torch.float32 for g in held.grads.values())
+    assert all(p.grad is None for p in held.grads)

@@ -132,6 +132,12 @@ class TrainingConfig:
     max_tokens_per_row: int | None = doc(
         "Fast path: token budget of a packed row (default: the longest pair of the micro-batch).", None
     )
+    bf16_weight_grads: bool = doc(
+        "Full fine-tuning under bf16 autocast: hold the gradients of Linear weights in bf16 from backward to the "
+        "optimizer step, which upcasts them a few tensors at a time (they are bf16 matmul results cast to fp32: "
+        "same numbers, half the memory; a weight whose gradient is not exactly bf16 keeps fp32).",
+        True,
+    )
     compact_frozen_weights: bool = doc(
         "Under bf16/fp16 autocast, hold frozen Linear weights in that dtype (autocast casts them to it anyway: "
         "same numbers, less memory, no cast per step): LoRA's base layers while training (final/ is merged from "
