@@ -234,8 +234,7 @@ def _head_chunk(head: nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tenso
 
 def _token_logps(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """(n, V) logits -> log p(target), vocabulary-mean logit; fp32 like ``completion_logps``."""
-    token_logps, mean_logits = TokenLogps.apply(logits, targets)
-    return token_logps, mean_logits
+    return TokenLogps.apply(logits, targets)
 
 
 class TokenLogps(torch.autograd.Function):

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from preftune.packing import segment_length
 from preftune.types import TokenizedPair
 
 CACHE_VERSION = 3  # bump when the log-prob computation changes (3: batches in order of length)
@@ -74,8 +75,7 @@ def compute_reference_logps(reference, pairs, forward, batch_size, autocast) -> 
     Batches take the pairs in order of length, so the rows of a batch are about as long as
     each other and little of the work is padding; the result is in the order of ``pairs``.
     """
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
-                   + len(pairs[i].rejected_ids))  # fmt: skip
+    order = sorted(range(len(pairs)), key=lambda i: segment_length(pairs[i]))
     chosen = torch.empty(len(pairs), dtype=torch.float32)
     rejected = torch.empty(len(pairs), dtype=torch.float32)
     model = reference.model

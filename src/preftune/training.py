@@ -687,21 +687,20 @@ class Bf16WeightGrads:
         if previous is not None:  # a second gradient this step: add in fp32, as autograd would
             self.grads[param] = previous.float() + grad
             return
+        low = grad.to(torch.bfloat16)
         if param not in self.checked:
             self.checked.add(param)
-            if not torch.equal(grad.to(torch.bfloat16).float(), grad):
+            if not torch.equal(low.float(), grad):
                 self.fp32_only.add(param)
-        self.grads[param] = grad if param in self.fp32_only else grad.to(torch.bfloat16)
+        self.grads[param] = grad if param in self.fp32_only else low
 
     def clip_and_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float) -> float:
         """``clip_grad_norm_(params, max_norm)`` then ``optimizer.step()`` with the same numbers: the
         norm of the per-tensor norms of the fp32 gradients in parameter order, every gradient times
         the clamped coefficient, each parameter updated once (AdamW skips those without a gradient)."""
-        norms = []
-        for p in params:
-            grad = self.grads[p].float() if p in self.grads else p.grad
-            if grad is not None:
-                norms.append(torch._foreach_norm([grad], 2.0)[0])
+        # a bf16 gradient's norm accumulates in fp32: the same number as the norm of its fp32 upcast
+        held = [self.grads.get(p, p.grad) for p in params]
+        norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float32) for g in held if g is not None]
         total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.zeros(())
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         pending = [p for p in params if p.grad is not None]  # gradients not held here, in fp32
