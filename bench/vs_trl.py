@@ -162,7 +162,7 @@ def run_preftune(spec: dict, model_path: str, pairs: list[dict], workdir: Path) 
         "per_device_train_batch_size": spec["batch"],
         "gradient_accumulation_steps": 1, "num_train_epochs": 1, "bf16": spec["precision"] == "bf16",
         "logging_steps": 1, "seed": SEED, "progress": False, "output_dir": str(workdir / "preftune"),
-        "gradient_checkpointing": bool(spec.get("preftune_gc")),
+        "gradient_checkpointing": spec.get("preftune_gc") or False,  # false, true (full) or "selective"
     })  # fmt: skip
     history = json.loads((workdir / "preftune" / "log_history.json").read_text())
     losses = [row["loss"] for row in history if "loss" in row]
@@ -199,7 +199,8 @@ def launch(spec: dict) -> dict:
 
 def label(r: dict) -> str:
     if r["framework"] == "preftune":
-        return "preftune" + (" +ckpt" if r.get("preftune_gc") else "")
+        gc = r.get("preftune_gc")
+        return "preftune" + (" +selective ckpt" if gc == "selective" else " +ckpt" if gc else "")
     return "TRL" + (" +ckpt" if r["trl_gc"] else "")
 
 
@@ -226,7 +227,7 @@ def summarize(group: list[dict]) -> list[dict]:
             ours["vs_faster"] = faster["setting"]  # the baseline: TRL's faster setting
             ours["speedup"] = ours["pairs_per_s"] / faster["pairs_per_s"]
             ours["memory_ratio"] = ours["peak_rss_mb"] / faster["peak_rss_mb"]
-            same = next((r for r in trl if r["setting"].endswith("+ckpt") == ours["setting"].endswith("+ckpt")), None)
+            same = next((r for r in trl if r["setting"].endswith("ckpt") == ours["setting"].endswith("ckpt")), None)
             if same is not None:  # like for like: both with (or both without) gradient checkpointing
                 ours["vs_same"] = same["setting"]
                 ours["speedup_same"] = ours["pairs_per_s"] / same["pairs_per_s"]
@@ -294,6 +295,9 @@ def group_title(r: dict) -> str:
     return f"{title}, {r['finetuning']}, {r['precision']}"
 
 
+PREFTUNE_CKPT = {"off": False, "on": True, "selective": "selective"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="a,b,c")
@@ -308,8 +312,8 @@ def main() -> None:
     ap.add_argument("--sweep-finetuning", default="lora")
     ap.add_argument("--sweep-trl-ckpt", default="off", help="TRL checkpointing in the sweep (off: its faster "
                     "bf16 setting in case a)")  # fmt: skip
-    ap.add_argument("--preftune-ckpt", default="off,on", help="preftune gradient checkpointing settings to run in "
-                    "case a (off,on adds the memory-saving trade-off rows)")  # fmt: skip
+    ap.add_argument("--preftune-ckpt", default="off,selective,on", help="preftune gradient checkpointing settings "
+                    "to run in case a: off, selective, on (full)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=1, help="alternating TRL/preftune runs per setting, cases a and b "
                     "(the median counts)")  # fmt: skip
     ap.add_argument("--from-json", help="print the tables of a saved --json file instead of running")
@@ -362,7 +366,7 @@ def main() -> None:
                     runs = []
                     # alternate, and swap who goes first each repeat
                     for rep in range(args.sweep_repeats if case == "c" else args.repeats):
-                        pgcs = [s == "on" for s in args.preftune_ckpt.split(",")] if case == "a" else [False]
+                        pgcs = [PREFTUNE_CKPT[s] for s in args.preftune_ckpt.split(",")] if case == "a" else [False]
                         order = trl_specs + [{**spec, "framework": "preftune", "trl_gc": None, "preftune_gc": gc}
                                              for gc in pgcs]  # fmt: skip
                         for s in order if rep % 2 == 0 else order[::-1]:

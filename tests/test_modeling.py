@@ -150,3 +150,66 @@ def test_recast_weight_casts_same_gradients_less_saved(tiny_model_dir, monkeypat
     with make_autocast(cfg, torch.device("cpu"))():  # the training autocast installs the hooks
         y = torch.nn.functional.linear(torch.randn(3, 4, requires_grad=True) * 2, weight)  # not a leaf
     assert y.dtype == torch.bfloat16 and len(recast_weights) == 1 and recast_weights[0] is weight
+
+
+@pytest.mark.parametrize("finetuning", ["full", "lora"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_selective_checkpointing_same_numbers(tiny_model_dir, monkeypatch, finetuning, precision):
+    """gradient_checkpointing: selective (matmul and attention outputs kept, the ops between them
+    rerun in backward) and full (whole layers rerun) give the log-probs and every gradient of a
+    run without checkpointing, bit for bit, under the training autocast and in fp32. The policy
+    really keeps the matmuls and attention and reruns the norms, casts and activation."""
+    from preftune import modeling
+    from preftune.config import TrainConfig
+    from preftune.modeling import build_policy_and_reference
+    from preftune.training import make_autocast
+
+    decisions: dict[str, set[str]] = {"save": set(), "recompute": set()}
+    policy = modeling._selective_policy
+
+    def recording_policy(ctx, op, *args, **kwargs):
+        verdict = policy(ctx, op, *args, **kwargs)
+        decisions["save" if verdict.name == "MUST_SAVE" else "recompute"].add(op.__name__.split(".")[0])
+        return verdict
+
+    monkeypatch.setattr(modeling, "_selective_policy", recording_policy)
+    cfg = TrainConfig()
+    cfg.training.bf16 = precision == "bf16"
+    autocast = make_autocast(cfg, torch.device("cpu"))
+
+    def run(mode):
+        mcfg = ModelConfig(finetuning_type=finetuning, lora_r=4, lora_alpha=8, gradient_checkpointing=mode)
+        torch.manual_seed(0)
+        model, _ = build_policy_and_reference(mcfg, str(tiny_model_dir), torch.device("cpu"), need_reference=False)
+        with torch.no_grad():  # B starts at zero in PEFT: give the adapter something to do
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        model.train()
+        with autocast():
+            out = forward_fast(model, PAIRS, pad_token_id=0)
+        (out.chosen.logps.sum() - 0.5 * out.rejected.logps.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return torch.cat([out.chosen.logps, out.rejected.logps]).detach(), grads
+
+    plain_logps, plain_grads = run(False)
+    assert plain_grads and all(g.abs().sum() > 0 for g in plain_grads.values())
+    for mode in ("full", "selective"):
+        logps, grads = run(mode)
+        assert torch.equal(plain_logps, logps), mode
+        assert grads.keys() == plain_grads.keys()
+        for name in grads:
+            assert torch.equal(plain_grads[name], grads[name]), (mode, name)
+    assert {"mm"} <= decisions["save"] and any("scaled_dot_product" in op for op in decisions["save"])
+    assert {"rsqrt", "silu"} | ({"_to_copy"} if precision == "bf16" else set()) <= decisions["recompute"]
+
+
+def test_gradient_checkpointing_modes_in_config():
+    from preftune.config import from_dict
+    from preftune.errors import PreftuneError
+
+    base = {"train_file": "x.jsonl"}
+    for value, mode in ((False, "none"), (True, "full"), ("full", "full"), ("selective", "selective")):
+        assert from_dict({**base, "gradient_checkpointing": value}).model.checkpointing_mode == mode
+    with pytest.raises(PreftuneError, match="did you mean 'selective'"):
+        from_dict({**base, "gradient_checkpointing": "selectve"})

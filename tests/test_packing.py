@@ -190,6 +190,18 @@ def test_packed_equals_padded(arch, budget, chat_tokenizer):
     assert_same(fast(model, pairs, pad, max_tokens_per_row=budget, chunk_size=3), padded(model, pairs, pad))
 
 
+@pytest.mark.parametrize("arch", MODELS)
+@pytest.mark.parametrize("multiple", [5, 64])
+def test_rounded_row_length_equals_padded(arch, multiple, chat_tokenizer):
+    """Rows padded up to a multiple of 5 or 64 tokens (row_length_multiple) give the padded path's numbers."""
+    model, pairs, pad = MODELS[arch](chat_tokenizer), make_pairs(), chat_tokenizer.pad_token_id
+    plain = pack_pairs(pairs, pad_token_id=pad)
+    rows = pack_pairs(pairs, pad_token_id=pad, row_length_multiple=multiple)
+    assert rows.row_length % multiple == 0 and plain.row_length < rows.row_length < plain.row_length + multiple
+    assert rows.num_tokens == plain.num_tokens and torch.equal(rows.target_ids, plain.target_ids)
+    assert_same(fast(model, pairs, pad, row_length_multiple=multiple), padded(model, pairs, pad))
+
+
 def test_chunked_head_equals_full_logits(chat_tokenizer):
     """Chunks of 3 positions through the LM head == full logits of the same packed rows == padded."""
     model, pairs, pad = llama(chat_tokenizer), make_pairs(), chat_tokenizer.pad_token_id
@@ -370,3 +382,45 @@ def test_unsupported_attention_falls_back(chat_tokenizer, monkeypatch):
     monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2", raising=False)
     assert fwd.unsupported_reason(model) is not None
     assert fast_path_mode(model) == PADDED
+
+
+def test_tied_head_projection_same_gradients(chat_tokenizer, monkeypatch):
+    """Full fine-tuning of a tied-embedding model under the training bf16 autocast: holding the
+    head's weight gradient in bf16 and adding it to the embedding's before accumulation
+    (TiedHeadProjection) gives the log-probs and every gradient of plain autograd bit for bit,
+    over two accumulated backward passes (so the sum meets an existing .grad too), with the add
+    split in row blocks."""
+    from preftune.config import TrainConfig
+    from preftune.training import make_autocast
+
+    cfg = TrainConfig()
+    cfg.training.bf16 = True
+    autocast = make_autocast(cfg, torch.device("cpu"))
+    pad = chat_tokenizer.pad_token_id
+    calls = []
+    apply = fwd.TiedHeadProjection.apply
+    monkeypatch.setattr(fwd.TiedHeadProjection, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(fwd.TiedHeadProjection, "ADD_ROWS", 7)
+
+    def run(enabled):
+        monkeypatch.setattr(fwd.TiedHeadProjection, "enabled", enabled)
+        model = qwen2(chat_tokenizer).train()
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+        outs = []
+        for seed in (0, 1):
+            with autocast():
+                out = forward_fast(model, make_pairs(seed=seed), pad_token_id=pad)
+            (out.chosen.logps.sum() - 0.5 * out.rejected.logps.sum()).backward()
+            outs.append(torch.cat([out.chosen.logps, out.rejected.logps]).detach())
+        assert getattr(model.lm_head.weight, "_preftune_head_grads", []) == []
+        return outs, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_logps, plain_grads = run(False)
+    assert not calls
+    logps, grads = run(True)
+    assert len(calls) == 2
+    for a, b in zip(plain_logps, logps):
+        assert torch.equal(a, b)
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        assert torch.equal(plain_grads[name], grads[name]), name

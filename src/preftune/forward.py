@@ -6,6 +6,7 @@ fast paths are tested against.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ def forward_fast(
     pad_token_id: int,
     max_tokens_per_row: int | None = None,
     chunk_size: int = 1024,
+    row_length_multiple: int = 1,
 ) -> PairForward:
     """Per-pair completion log-probs (same order as ``pairs``) from packed shared-prompt rows.
 
@@ -92,12 +94,14 @@ def forward_fast(
     own; a huge value puts every pair in one row). ``chunk_size`` is how many positions go through the LM
     head at once; with more than one chunk and gradients on, each chunk's logits are recomputed
     in backward instead of kept, so at most one (chunk_size, V) block of logits is alive.
+    ``row_length_multiple`` pads the rows to a multiple of that many tokens (fewer distinct shapes).
     """
     device = _device(model)
     mode = fast_path_mode(model, pairs)
     if mode == PADDED:
         return forward_padded(model, collate_padded(pairs, pad_token_id).to(device))
-    packed = pack_pairs(pairs, pad_token_id=pad_token_id, max_tokens_per_row=max_tokens_per_row, device=device)
+    packed = pack_pairs(pairs, pad_token_id=pad_token_id, max_tokens_per_row=max_tokens_per_row, device=device,
+                        row_length_multiple=row_length_multiple)  # fmt: skip
     return forward_packed(model, packed, full_logits=mode == PACKED_FULL_LOGITS, chunk_size=chunk_size)
 
 
@@ -115,16 +119,21 @@ def forward_packed(model: nn.Module, packed: PackedRows, *, full_logits: bool = 
     else:
         hidden = decoder(**inputs)[0]  # (R, L, H), after the final norm
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.pred_index)  # (N, H)
-        token_logps, mean_logits = chunked_head_logps(head, hidden, packed.target_ids, chunk_size)
+        embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+        tied = embed is not None and getattr(head, "weight", None) is embed.weight
+        token_logps, mean_logits = chunked_head_logps(head, hidden, packed.target_ids, chunk_size, tied=tied)
         if token_logps.numel() == 0:  # nothing to score: keep the graph connected anyway
             token_logps = token_logps + hidden.sum() * 0
     return _per_sequence(packed, token_logps, mean_logits)
 
 
-def chunked_head_logps(head: nn.Module, hidden: Tensor, targets: Tensor, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+def chunked_head_logps(
+    head: nn.Module, hidden: Tensor, targets: Tensor, chunk_size: int = 1024, *, tied: bool = False
+) -> tuple[Tensor, Tensor]:
     """log p(target) and vocabulary-mean logit, (N,) each in fp32, from (N, H) hidden states.
 
     Projects ``chunk_size`` rows at a time; never builds more than a (chunk_size, V) block.
+    ``tied``: the head's weight is also the input embedding's (see ``TiedHeadProjection``).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -135,6 +144,8 @@ def chunked_head_logps(head: nn.Module, hidden: Tensor, targets: Tensor, chunk_s
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if recompute:
             lp, mean = checkpoint(_head_chunk, head, h, t, use_reentrant=False)
+        elif tied and TiedHeadProjection.applies(head, h):
+            lp, mean = _token_logps(TiedHeadProjection.apply(h, head.weight), t)
         else:
             lp, mean = _head_chunk(head, h, t)
         logps.append(lp)
@@ -230,6 +241,61 @@ def _device(model: nn.Module) -> torch.device:
 
 def _head_chunk(head: nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return _token_logps(head(hidden), targets)
+
+
+class TiedHeadProjection(torch.autograd.Function):
+    """The LM head's matmul under autocast, for a trainable head tied to the input embedding.
+
+    Plain autograd turns the head's bf16 weight gradient into fp32 at once (V x H: 113 MB on
+    SmolLM2-135M) and holds it for the whole backward, until the embedding's gradient arrives
+    at the end to be added. Here the bf16 gradient is held instead, and a hook on the weight
+    adds it to the embedding's gradient before accumulation: the same fp32 sum of the same two
+    values, so the same numbers (twin test in tests/test_packing.py). The forward is the call
+    autocast makes (both cast to bf16, ``mm`` with the transposed weight), the gradients the
+    ``mm`` calls autograd's backward makes.
+    """
+
+    enabled = True  # the twin test switches it off
+    ADD_ROWS = 4096  # the fp32 += bf16 add upcasts this many rows at a time, not all V
+
+    @staticmethod
+    def applies(head: nn.Module, hidden: Tensor) -> bool:
+        weight = getattr(head, "weight", None)
+        device = hidden.device.type
+        return (TiedHeadProjection.enabled and type(head) is nn.Linear and head.bias is None and torch.is_grad_enabled()
+                and weight.requires_grad and torch.is_autocast_enabled(device) and hidden.dim() == 2
+                and torch.get_autocast_dtype(device) != weight.dtype)  # fmt: skip
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor) -> Tensor:  # (n, H), (V, H) -> (n, V)
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(dtype)
+            logits = torch.mm(h, weight.to(dtype).t())
+        ctx.save_for_backward(h)
+        ctx.weight = weight  # the parameter itself: the held gradients live on it
+        ctx.hidden_dtype = hidden.dtype
+        if not hasattr(weight, "_preftune_head_grads"):
+            weight._preftune_head_grads = []
+            weight.register_hook(functools.partial(TiedHeadProjection._add_held, weakref.ref(weight)))
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (h,), weight = ctx.saved_tensors, ctx.weight
+        grad_hidden = grad.mm(weight.to(grad.dtype)).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+        weight._preftune_head_grads.append(grad.t().mm(h))  # (V, H) in bf16
+        return grad_hidden, None
+
+    @staticmethod
+    def _add_held(weight_ref, grad: Tensor) -> Tensor:
+        """Runs on the weight's incoming gradient (the embedding's), before accumulation."""
+        held, rows = weight_ref()._preftune_head_grads, TiedHeadProjection.ADD_ROWS
+        while held:  # in place, into autograd's own buffer; fp32 += bf16 computes in fp32
+            part = held.pop()
+            for start in range(0, part.shape[0], rows):
+                grad[start : start + rows].add_(part[start : start + rows])
+        return grad
 
 
 def _token_logps(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

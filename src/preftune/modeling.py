@@ -135,16 +135,51 @@ class Reference:
         return contextlib.nullcontext()
 
 
+def _saved_ops() -> frozenset:
+    aten = torch.ops.aten
+    names = (
+        "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "_flash_attention_forward",
+        "_efficient_attention_forward",
+    )  # fmt: skip
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_checkpoint_context():
+    """Selective activation checkpointing (``gradient_checkpointing: selective``) for one layer:
+    the outputs of matmuls and attention are kept from the forward, everything between them
+    (RMSNorm, dtype casts, rotary embedding, SiLU and products, GQA's key/value repeat) is
+    recomputed in backward from those and the layer's input. On SmolLM2-135M that keeps about
+    14 of the 38 KB per token and layer that a plain forward saves, and the rerun costs only
+    elementwise work. The recomputed ops see the same inputs, so the numbers are unchanged."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+_SAVED_OPS = _saved_ops()
+
+
 def build_policy_and_reference(
     cfg: ModelConfig, model_path: str, device: torch.device, need_reference: bool
 ) -> tuple[nn.Module, Reference | None]:
     dtype = weight_dtype(cfg, device)
     model = load_causal_lm(model_path, cfg, dtype, device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mode = cfg.checkpointing_mode
+    if mode != "none":
+        kwargs: dict = {"use_reentrant": False}
+        if mode == "selective":
+            kwargs["context_fn"] = selective_checkpoint_context
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     if cfg.finetuning_type == "lora":
-        if cfg.gradient_checkpointing:
+        if mode != "none":
             model.enable_input_require_grads()
         policy = apply_lora(model, cfg)
         return policy, (Reference(policy, None) if need_reference else None)

@@ -112,16 +112,19 @@ def pack_pairs(
     pad_token_id: int,
     max_tokens_per_row: int | None = None,
     device: torch.device | str | None = None,
+    row_length_multiple: int = 1,
 ) -> PackedRows:
     """Lay the pairs out as shared-prompt segments in as few rows as the budget allows.
 
     The (R, 1, L, L) mask is built on ``device`` (default CPU), so it never crosses the bus.
+    L is rounded up to a multiple of ``row_length_multiple`` with padding.
     """
     if not pairs:
         raise ValueError("pack_pairs needs at least one pair")
     b = len(pairs)
     rows = plan_rows([segment_length(p) for p in pairs], max_tokens_per_row)
     width = max(sum(segment_length(pairs[i]) for i in row) for row in rows)
+    width = -(-width // row_length_multiple) * row_length_multiple
     n_rows = len(rows)
 
     input_ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)

@@ -140,8 +140,10 @@ def make_optimizer(params: list[torch.nn.Parameter], t) -> torch.optim.Optimizer
 def make_forward(cfg: TrainConfig, pad_id: int, device: torch.device) -> Forward:
     """The fast path (shared prompt, packed rows, chunked LM head) or the simple padded one."""
     if cfg.training.fast_path:
-        rows = cfg.training.max_tokens_per_row
-        return lambda model, pairs: forward_fast(model, pairs, pad_token_id=pad_id, max_tokens_per_row=rows)
+        rows, multiple = cfg.training.max_tokens_per_row, cfg.training.row_length_multiple
+        return lambda model, pairs: forward_fast(
+            model, pairs, pad_token_id=pad_id, max_tokens_per_row=rows, row_length_multiple=multiple
+        )
     return lambda model, pairs: forward_padded(model, collate_padded(pairs, pad_id).to(device))
 
 
