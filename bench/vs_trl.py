@@ -38,6 +38,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# the environment as the user started us: importing preftune (the driver does, for the model
+# path) sets allocator/cache defaults of its own, which TRL's workers must not inherit
+USER_ENV = dict(os.environ)
 SYCOPHANCY = ROOT / "examples" / "data" / "sycophancy" / "train.jsonl"
 SWEEP = (128, 256, 512, 1024, 2048)
 LR, BETA, LORA_R, LORA_ALPHA, SEED = 5e-6, 0.1, 16, 32, 42
@@ -189,7 +192,7 @@ def worker(spec: dict) -> None:
 # ---------------------------------------------------------------- driver
 def launch(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
+                          env={**USER_ENV, "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
