@@ -1,7 +1,7 @@
 """preftune vs TRL 1.16's DPOTrainer: same model, data, hyperparameters and optimizer steps.
 
-    python bench/vs_trl.py                       # all cases, CPU, 2 threads (~45 min on 2 cores)
-    python bench/vs_trl.py --from-json bench/results/vs_trl_cpu_2026-11-21_session4.json   # tables of a saved run
+    python bench/vs_trl.py                       # all cases, CPU, 2 threads (~60 min on 2 cores)
+    python bench/vs_trl.py --from-json bench/results/vs_trl_cpu_2026-11-21_session5_case_a.json   # a saved run
     python bench/vs_trl.py --cases a --finetuning lora --precisions bf16 --steps 4   # quick look
 
 Cases (SmolLM2-135M-Instruct, chat template applied by both frameworks, no truncation):
