@@ -214,3 +214,22 @@ def test_bf16_weight_grads_fall_back_to_fp32_for_inexact(tiny_model_dir):
     assert len(held.grads) == 15 and len(held.fp32_only) == 15
     assert all(g.dtype == torch.float32 for g in held.grads.values())
     assert all(p.grad is None for p in held.grads)
+
+
+def test_row_length_multiple_default_follows_precision_and_device():
+    """Rows are rounded to 8 tokens only under low-precision autocast on CPU (where torch's bf16
+    attention backward keeps kernels per row length); a configured value always wins; 0 is an error."""
+    from preftune.config import load_config
+    from preftune.errors import PreftuneError
+    from preftune.training import row_length_multiple
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    base = {"train_file": "x.jsonl"}
+    assert row_length_multiple(load_config(base), cpu) == 1
+    assert row_length_multiple(load_config(base, ["bf16=true"]), cpu) == 8
+    assert row_length_multiple(load_config(base, ["fp16=true"]), cpu) == 8
+    assert row_length_multiple(load_config(base, ["bf16=true"]), cuda) == 1
+    assert row_length_multiple(load_config(base, ["bf16=true", "row_length_multiple=1"]), cpu) == 1
+    assert row_length_multiple(load_config(base, ["row_length_multiple=16"]), cuda) == 16
+    with pytest.raises(PreftuneError, match="row_length_multiple"):
+        load_config(base, ["row_length_multiple=0"])

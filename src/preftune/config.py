@@ -145,11 +145,12 @@ class TrainingConfig:
     max_tokens_per_row: int | None = doc(
         "Fast path: token budget of a packed row (default: the longest pair of the micro-batch).", None
     )
-    row_length_multiple: int = doc(
-        "Fast path: packed rows are padded to a multiple of this many tokens (1: no rounding). Fewer distinct "
-        "shapes: torch's CPU bf16 attention backward keeps ~5 MB of kernels per sequence length it meets (up to "
-        "~0.8 GB), and each new shape costs compiling; padding is masked out, so the numbers stay the same.",
-        8,
+    row_length_multiple: int | None = doc(
+        "Fast path: packed rows are padded to a multiple of this many tokens (1: no rounding; default: 8 under "
+        "bf16/fp16 autocast on CPU, else 1). Fewer distinct shapes: torch's CPU bf16 attention backward keeps "
+        "~5 MB of kernels per sequence length it meets (up to ~0.8 GB); padding is masked out, so the numbers "
+        "stay the same.",
+        None,
     )
     bf16_weight_grads: bool = doc(
         "Full fine-tuning under bf16 autocast: hold the gradients of Linear weights in bf16 from backward to the "
@@ -382,12 +383,12 @@ def _validate(cfg: TrainConfig, where: str | None) -> None:
     positive = ["learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "max_length", "logging_steps", "beta", "lora_r", "lora_alpha",
                 "collapse_max_logp_drop", "collapse_max_retain_drop", "guard_max_new_tokens",
-                "eval_max_new_tokens", "row_length_multiple"]  # fmt: skip
+                "eval_max_new_tokens"]  # fmt: skip
     for key in positive:
         if flat[key] <= 0:
             raise PreftuneError(f"'{key}' must be > 0, got {flat[key]}", where)
     for key in ("eval_steps", "save_steps", "save_total_limit", "max_prompt_length", "max_samples",
-                "max_tokens_per_row"):
+                "max_tokens_per_row", "row_length_multiple"):
         if flat[key] is not None and flat[key] <= 0:
             raise PreftuneError(f"'{key}' must be > 0, got {flat[key]}", where)
     nonneg = ["weight_decay", "warmup_steps", "max_grad_norm", "num_train_epochs", "lora_dropout", "adam_epsilon",
