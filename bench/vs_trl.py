@@ -1,6 +1,6 @@
 """preftune vs TRL 1.16's DPOTrainer: same model, data, hyperparameters and optimizer steps.
 
-    python bench/vs_trl.py                       # all cases, CPU, 2 threads (~60 min on 2 cores)
+    python bench/vs_trl.py                       # all cases, CPU, 2 threads (case a alone: 25 min on 2 cores)
     python bench/vs_trl.py --from-json bench/results/vs_trl_cpu_2026-11-21_session5_case_a.json   # a saved run
     python bench/vs_trl.py --cases a --finetuning lora --precisions bf16 --steps 4   # quick look
 
