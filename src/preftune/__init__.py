@@ -5,10 +5,9 @@ import os
 __version__ = "0.1.0"
 
 # oneDNN (torch's CPU matmuls) caches a compiled kernel for every matmul shape it meets, up to
-# 1024 of them. Packed rows give every step new shapes, so the default cache grew the RSS by
-# ~6.5 MB a step on SmolLM2-135M (about 20 new kernels a step) for no reuse; a step needs
-# about 20, so 128 keeps every hit. Read when torch runs its first CPU matmul; the user's own
-# setting wins.
+# 1024 of them, and packed rows bring new shapes every step: over 24 steps of SmolLM2-135M full
+# fine-tuning the heap grew 237 MB with 1024 and 138 MB with 128, in the same time. Read when
+# torch runs its first CPU matmul; the user's own setting wins.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
 
 

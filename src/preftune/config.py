@@ -264,9 +264,14 @@ def closest(name: str, options) -> str | None:
     return match[0] if match else None
 
 
+def did_you_mean(name: str, options) -> str:
+    """'; did you mean 'x'?' for the closest of ``options``, or ''."""
+    hint = closest(name, options)
+    return f"; did you mean '{hint}'?" if hint else ""
+
+
 def _unknown_key(key: str, where: str | None) -> PreftuneError:
-    hint = closest(key, list(all_fields()) + list(LLAMAFACTORY_ALIASES))
-    suggestion = f"; did you mean '{hint}'?" if hint else ""
+    suggestion = did_you_mean(key, list(all_fields()) + list(LLAMAFACTORY_ALIASES))
     return PreftuneError(f"unknown key '{key}'{suggestion} (see `preftune train --help`)", where)
 
 
@@ -358,20 +363,17 @@ def _validate(cfg: TrainConfig, where: str | None) -> None:
     for key, options in CHOICES.items():
         value = flat[key]
         if value is not None and value not in options:
-            hint = closest(str(value), options)
-            extra = f"; did you mean '{hint}'?" if hint else ""
+            extra = did_you_mean(str(value), options)
             raise PreftuneError(f"'{key}' is '{value}'{extra} (choose from {', '.join(options)})", where)
     ckpt = flat["gradient_checkpointing"]
     if isinstance(ckpt, str) and ckpt not in CHECKPOINTING_MODES:
-        hint = closest(ckpt, CHECKPOINTING_MODES)
-        extra = f"; did you mean '{hint}'?" if hint else ""
+        extra = did_you_mean(ckpt, CHECKPOINTING_MODES)
         raise PreftuneError(
             f"'gradient_checkpointing' is '{ckpt}'{extra} (choose from true, false, {', '.join(CHECKPOINTING_MODES)})", where
         )
     for name in cfg.loss_types:
         if name not in LOSS_NAMES:
-            hint = closest(name, LOSS_NAMES)
-            extra = f"; did you mean '{hint}'?" if hint else ""
+            extra = did_you_mean(name, LOSS_NAMES)
             raise PreftuneError(f"unknown loss_type '{name}'{extra} (known: {', '.join(LOSS_NAMES)})", where)
     if not cfg.loss_types:
         raise PreftuneError("'loss_type' must name at least one loss", where)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from preftune.config import DEFAULT_MODEL, ModelConfig
 from preftune.errors import PreftuneError
@@ -145,9 +146,7 @@ def _saved_ops() -> frozenset:
     return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
 
 
-def _selective_policy(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
+def _selective_policy(ctx, op, *args, **kwargs):  # called for every op of every layer: keep it light
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -158,8 +157,6 @@ def selective_checkpoint_context():
     recomputed in backward from those and the layer's input. On SmolLM2-135M that keeps about
     14 of the 38 KB per token and layer that a plain forward saves, and the rerun costs only
     elementwise work. The recomputed ops see the same inputs, so the numbers are unchanged."""
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
     return create_selective_checkpoint_contexts(_selective_policy)
 
 
