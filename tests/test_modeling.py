@@ -213,3 +213,27 @@ def test_gradient_checkpointing_modes_in_config():
         assert from_dict({**base, "gradient_checkpointing": value}).model.checkpointing_mode == mode
     with pytest.raises(PreftuneError, match="did you mean 'selective'"):
         from_dict({**base, "gradient_checkpointing": "selectve"})
+
+
+def test_own_weights_leaves_the_file_mapping(tiny_model_dir):
+    """Full fine-tuning's policy is copied off the safetensors mapping it was loaded into (the
+    first optimizer step would otherwise copy it page by page): same values, ties kept, and the
+    file is no longer mapped into the process."""
+    import gc
+    from pathlib import Path
+
+    from preftune.modeling import load_causal_lm, own_weights
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    weights_file = str(Path(tiny_model_dir).resolve() / "model.safetensors")
+    model = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, torch.device("cpu"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert weights_file in maps.read_text()
+    own_weights(model)
+    gc.collect()
+    assert weights_file not in maps.read_text()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied

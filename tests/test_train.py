@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import load_file
 
 from preftune import train
@@ -176,25 +177,28 @@ def test_heap_trimmer_trims_only_after_the_slack(monkeypatch):
     assert calls == [0] and trimmer.trims == 1
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_bf16_weight_grads_same_run(tiny_model_dir, tmp_path, accumulation):
-    """Full fine-tuning under bf16 autocast with Linear weight gradients held in bf16 (and added
-    in fp32 under accumulation) logs the same metrics and ends in the same weights, bit for bit,
-    as fp32 gradients with clip_grad_norm_ and one optimizer step; the clip binds (max_grad_norm
-    below the gradient norm), so its coefficient is exercised too."""
+@pytest.mark.parametrize("accumulation,checkpointing,max_grad_norm",
+                         [(1, False, 0.5), (2, False, 0.5), (1, "selective", 0.5), (2, True, 0.5), (1, False, 1e6)])
+def test_bf16_weight_grads_same_run(tiny_model_dir, tmp_path, accumulation, checkpointing, max_grad_norm):
+    """Full fine-tuning under bf16 autocast with Linear weight gradients held in bf16 (straight
+    from HeldGradLinear's backward, added in fp32 under accumulation) logs the same metrics and
+    ends in the same weights, bit for bit, as fp32 gradients with clip_grad_norm_ and one
+    optimizer step, with and without checkpointing. max_grad_norm 0.5 is below the gradient
+    norm, so the clip binds and its coefficient is exercised; 1e6 does not bind (no multiply)."""
     runs = {}
     for held in (False, True):
         out = tmp_path / f"held{held}"
         cfg = base_config(tiny_model_dir, tmp_path, output_dir=str(out), finetuning_type="full", bf16=True,
                           max_steps=3, per_device_train_batch_size=4 // accumulation,
-                          gradient_accumulation_steps=accumulation, max_grad_norm=0.5,
-                          bf16_weight_grads=held)  # fmt: skip
+                          gradient_accumulation_steps=accumulation, max_grad_norm=max_grad_norm,
+                          gradient_checkpointing=checkpointing, bf16_weight_grads=held)  # fmt: skip
         runs[held] = (train(cfg), rows(out), load_file(out / "final" / "model.safetensors"))
     (plain_summary, plain_rows, plain_w), (summary, held_rows, held_w) = runs[False], runs[True]
     assert "bf16_weight_grads" not in plain_summary
-    # 2 layers x 7 projections; the LM head of the tiny model is its own Linear, also held
-    assert summary["bf16_weight_grads"] == {"weights": 15, "kept_fp32": 0}
-    assert all(r["grad_norm"] > 0.5 for r in plain_rows)
+    # 2 layers x 7 projections; the LM head of the tiny model is its own Linear, also held;
+    # all of them are bias-free nn.Linear, so all run as HeldGradLinear
+    assert summary["bf16_weight_grads"] == {"weights": 15, "kept_fp32": 0, "held_directly": 15}
+    assert all((r["grad_norm"] > max_grad_norm) == (max_grad_norm == 0.5) for r in plain_rows)
     keys = [k for k in plain_rows[0] if k not in ("tokens_per_second",)]
     assert [{k: r[k] for k in keys} for r in plain_rows] == [{k: r[k] for k in keys} for r in held_rows]
     assert plain_w.keys() == held_w.keys()
@@ -233,3 +237,35 @@ def test_row_length_multiple_default_follows_precision_and_device():
     assert row_length_multiple(load_config(base, ["row_length_multiple=16"]), cuda) == 16
     with pytest.raises(PreftuneError, match="row_length_multiple"):
         load_config(base, ["row_length_multiple=0"])
+
+
+@pytest.mark.parametrize("in_features,out_features", [(576, 1536), (1536, 576)])
+def test_held_grad_linear_same_bits_at_model_sizes(in_features, out_features):
+    """At SmolLM2-135M's MLP sizes (blocked matmuls, where the order of a sum shows in the bits),
+    HeldGradLinear's output, input gradient and held bf16 weight gradient equal autocast's linear
+    and autograd's backward (with the weight cast again, as in training) bit for bit."""
+    from preftune.training import HeldGradLinear, recast_saved_weight_casts
+
+    class Holder:
+        def add(self, param, grad, exact):
+            self.param, self.grad, self.exact = param, grad, exact
+
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(out_features, in_features) * 0.02)
+    x = torch.randn(3, 101, in_features, requires_grad=True)
+    g = torch.randn(3, 101, out_features).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), recast_saved_weight_casts():
+        out = torch.nn.functional.linear(x, weight)
+    out.backward(g)
+    plain_out, plain_x_grad, plain_w_grad = out.detach(), x.grad, weight.grad
+    x.grad = weight.grad = None
+
+    holder = Holder()
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), recast_saved_weight_casts():
+        out = HeldGradLinear.apply(x, weight, holder)
+    out.backward(g)
+    assert torch.equal(out.detach(), plain_out)
+    assert torch.equal(x.grad, plain_x_grad) and x.grad.dtype == torch.float32
+    assert holder.param is weight and holder.exact and holder.grad.dtype == torch.bfloat16
+    assert weight.grad is None
+    assert torch.equal(holder.grad.float(), plain_w_grad)

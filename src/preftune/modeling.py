@@ -180,6 +180,8 @@ def build_policy_and_reference(
             model.enable_input_require_grads()
         policy = apply_lora(model, cfg)
         return policy, (Reference(policy, None) if need_reference else None)
+    if device.type == "cpu":
+        own_weights(model)
     reference = None
     if need_reference:
         if cfg.ref_model_name_or_path:
@@ -189,6 +191,18 @@ def build_policy_and_reference(
         frozen.eval().requires_grad_(False)
         reference = Reference(model, frozen)
     return model, reference
+
+
+def own_weights(model: nn.Module) -> None:
+    """Copy every parameter off the safetensors file mapping it was loaded into.
+
+    The first optimizer step of full fine-tuning writes every weight, and a write into the
+    private file mapping copies it page by page on fault: on SmolLM2-135M (CPU) that made the
+    first AdamW step take 1.5 s instead of 0.3 s. One copy here costs 0.17 s. Same values.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
 
 
 def compact_frozen_linears(model: nn.Module, dtype: torch.dtype) -> list[str]:
