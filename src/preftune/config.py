@@ -152,6 +152,12 @@ class TrainingConfig:
         "stay the same.",
         None,
     )
+    short_row_attention: bool = doc(
+        "CPU training under bf16 autocast: packed rows of up to 256 tokens take preftune's attention, which keeps "
+        "the bf16 attention probabilities for backward (H x L x 2 bytes per token and layer) instead of torch's "
+        "flash kernel, whose CPU backward is about 2x slower on such rows; same numbers to bf16 rounding.",
+        True,
+    )
     bf16_weight_grads: bool = doc(
         "Full fine-tuning under bf16 autocast: hold the gradients of Linear weights in bf16 from backward to the "
         "optimizer step, which upcasts them a few tensors at a time (they are bf16 matmul results cast to fp32: "

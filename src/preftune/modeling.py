@@ -173,7 +173,10 @@ def build_policy_and_reference(
         kwargs: dict = {"use_reentrant": False}
         if mode == "selective":
             kwargs["context_fn"] = selective_checkpoint_context
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     if cfg.finetuning_type == "lora":
         if mode != "none":

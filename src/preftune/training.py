@@ -31,6 +31,7 @@ from torch import nn
 
 from preftune import data as data_mod
 from preftune import losses, report
+from preftune.attention import enable_short_row_attention
 from preftune.batching import collate_padded
 from preftune.config import TrainConfig, load_config
 from preftune.errors import PreftuneError
@@ -443,6 +444,11 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     autocast = make_autocast(cfg, device)
 
     forward = make_forward(cfg, pad_id, device)
+    short_row_layers = 0
+    if t.short_row_attention and t.fast_path and device.type == "cpu" and autocast_dtype(cfg) == torch.bfloat16:
+        short_row_layers = enable_short_row_attention(model)
+        if reference is not None and reference.frozen is not None:  # the same kernel: the same rounding
+            enable_short_row_attention(reference.frozen)
 
     # reference log-probs: once, cached on disk, instead of a reference forward every step
     precompute = t.precompute_ref_log_probs if t.precompute_ref_log_probs is not None else need_ref
@@ -624,6 +630,7 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
     summary["compacted_frozen_linears"] = len(compacted)
     summary["train_peak_rss_mb"] = round(train_peak_rss_mb, 1)  # loading, reference and training
     summary["heap_trims"] = trimmer.trims
+    summary["short_row_attention_layers"] = short_row_layers
     if bf16_grads is not None:
         summary["bf16_weight_grads"] = {"weights": len(bf16_grads.handles), "kept_fp32": len(bf16_grads.fp32_only),
                                         "held_directly": len(bf16_grads.rerouted)}  # fmt: skip
