@@ -2,7 +2,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from preftune import attention
 from preftune.attention import SHORT_ROW_MAX, ShortRowAttention, enable_short_row_attention
 from preftune.config import ModelConfig
 from preftune.forward import forward_fast
@@ -159,4 +158,3 @@ def test_enabling_twice_wraps_once(tiny_model_dir):
     enable_short_row_attention(model)
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is wrapped
     assert not hasattr(wrapped.preftune_wrapped, "preftune_wrapped")
-    assert attention.applies.__name__ == "applies"

@@ -57,10 +57,11 @@ class ShortRowAttention(torch.autograd.Function):
         group = heads // kv_heads
         with torch.autocast(q.device.type, enabled=False):
             grad_out = grad_out.to(q.dtype).reshape(batch, kv_heads, group * length, dim)
+            grad_out32 = grad_out.float()
             grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)  # sums the G query heads: (B, Hkv, L, D)
-            grad_probs = torch.matmul(grad_out.float(), v.float().transpose(-1, -2))  # (B, Hkv, G*L, L) fp32
+            grad_probs = torch.matmul(grad_out32, v.float().transpose(-1, -2))  # (B, Hkv, G*L, L) fp32
             # softmax backward: p * (dp - sum_j p_j dp_j), and sum_j p_j dp_j = <dO, O> row by row
-            row_dot = (grad_out.float() * out.reshape(grad_out.shape).float()).sum(-1, keepdim=True)
+            row_dot = (grad_out32 * out.reshape(grad_out.shape).float()).sum(-1, keepdim=True)
             grad_scores = grad_probs.sub_(row_dot).mul_(probs).to(q.dtype)  # scale goes on dq, dk below
             grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale).view(batch, heads, length, dim)
             grad_k = torch.matmul(grad_scores.transpose(-1, -2), q.reshape(batch, kv_heads, group * length, dim))

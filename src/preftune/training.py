@@ -743,8 +743,8 @@ class Bf16WeightGrads:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         clips = coef.item() < 1.0  # times 1.0 changes no bit: skip that pass over every gradient
         pending = [p for p in params if p.grad is not None]  # gradients not held here, in fp32
-        for p in pending:
-            if clips:
+        if clips:
+            for p in pending:
                 p.grad.mul_(coef)
         numel = 0
         for p in params:
