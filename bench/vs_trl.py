@@ -305,8 +305,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="a,b,c")
     ap.add_argument("--finetuning", default="lora,full")
-    ap.add_argument("--precisions", default="bf16,fp32", help="bf16 (autocast, both) and/or fp32; case a only, "
-                    "b and c run bf16")  # fmt: skip
+    ap.add_argument("--precisions", default="auto", help="bf16 (autocast, both) and/or fp32 for case a; b and c "
+                    "run the first one. auto: bf16,fp32 on a CPU with native bf16, else fp32 (emulated bf16 "
+                    "matmuls run ~100x slower there, for both frameworks)")  # fmt: skip
     ap.add_argument("--trl-ckpt", default="on,off", help="TRL gradient checkpointing settings to run under bf16 "
                     "(TRL's default is on); fp32 runs TRL without it, its faster fp32 setting")  # fmt: skip
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps for cases a and b (c: --sweep-steps)")
@@ -330,7 +331,10 @@ def main() -> None:
         return
     if args.from_json:
         groups: list[tuple[str, list[dict]]] = []
-        for r in json.loads(Path(args.from_json).read_text()):
+        saved = json.loads(Path(args.from_json).read_text())
+        machine = saved[0].get("machine") if saved else None
+        print(f"machine: {machine}" if machine else "machine: not recorded (runs before session 7)")
+        for r in saved:
             if not groups or groups[-1][0] != group_title(r):
                 groups.append((group_title(r), []))
             groups[-1][1].append(r)
@@ -347,14 +351,23 @@ def main() -> None:
     import transformers
     import trl
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
-          f"{args.threads} threads, {os.cpu_count()} CPUs")  # fmt: skip
+    from preftune.hardware import cpu_info
+
+    cpu = cpu_info()
+    precisions_all = args.precisions.split(",")
+    if precisions_all == ["auto"]:
+        precisions_all = ["bf16", "fp32"] if cpu.native_bf16 else ["fp32"]
+    machine = {"cpu_model": cpu.model, "cpu_native_bf16": cpu.native_bf16, "cpu_bf16_flags": cpu.bf16_flags,
+               "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}  # fmt: skip
+    print(f"CPU {cpu.model}, native bf16: {', '.join(cpu.bf16_flags) or 'no'}; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, trl {trl.__version__}, {args.threads} threads, "
+          f"{os.cpu_count()} CPUs; precisions {','.join(precisions_all)}")  # fmt: skip
     ckpt = [s == "on" for s in args.trl_ckpt.split(",")]
-    base = {"model_path": model_path, "threads": args.threads}
+    base = {"model_path": model_path, "threads": args.threads, "machine": machine}
     groups = []
     for case in args.cases.split(","):
         fts = args.sweep_finetuning.split(",") if case == "c" else args.finetuning.split(",")
-        precisions = args.precisions.split(",") if case == "a" else ["bf16"]
+        precisions = precisions_all if case == "a" else precisions_all[:1]
         lengths = [int(x) for x in args.sweep.split(",")] if case == "c" else [None]
         for ft in fts:
             for precision in precisions:

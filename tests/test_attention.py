@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from preftune.attention import SHORT_ROW_MAX, ShortRowAttention, enable_short_row_attention
+from preftune.kernels.short_row_attention import SHORT_ROW_MAX, ShortRowAttention, enable_short_row_attention
 from preftune.config import ModelConfig
 from preftune.forward import forward_fast
 from preftune.modeling import build_policy_and_reference
@@ -130,7 +130,12 @@ def test_enabled_model_takes_short_rows_under_bf16(tiny_model_dir, calls):
 
 
 def test_long_rows_stay_with_sdpa(tiny_model_dir, calls):
-    """A row longer than SHORT_ROW_MAX tokens keeps transformers' sdpa function."""
+    """A row longer than SHORT_ROW_MAX tokens keeps transformers' sdpa function (while a row of
+    SHORT_ROW_MAX tokens on the same model takes ShortRowAttention, so the spy does count)."""
+    longest_short = TokenizedPair(list(range(3, 3 + SHORT_ROW_MAX - 3)), [300, 301], [302])
+    run_tiny(tiny_model_dir, enable=True, pairs=[longest_short])
+    assert len(calls) == 2 and calls[0][2] == SHORT_ROW_MAX  # one call per decoder layer, (B, H, L, D)
+    calls.clear()
     long_pair = TokenizedPair(list(range(3, 3 + SHORT_ROW_MAX)), [300, 301], [302])
     run_tiny(tiny_model_dir, enable=True, pairs=[long_pair])
     assert calls == []
@@ -149,12 +154,19 @@ def test_short_rows_under_checkpointing_same_numbers(tiny_model_dir, calls, mode
     assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
 
 
-def test_enabling_twice_wraps_once(tiny_model_dir):
+def test_enabling_registers_an_implementation_and_leaves_sdpa_alone(tiny_model_dir):
+    """Enabling (twice) registers ATTENTION_NAME with transformers and switches only that model to
+    it; transformers' own "sdpa" entry is untouched, and disabling switches the model back."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from preftune.kernels.short_row_attention import ATTENTION_NAME, disable_short_row_attention, sdpa_or_short_rows
+
     model, _ = build_policy_and_reference(ModelConfig(), str(tiny_model_dir), torch.device("cpu"), False)
-    enable_short_row_attention(model)
-    wrapped = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    enable_short_row_attention(model)
-    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is wrapped
-    assert not hasattr(wrapped.preftune_wrapped, "preftune_wrapped")
+    other, _ = build_policy_and_reference(ModelConfig(), str(tiny_model_dir), torch.device("cpu"), False)
+    assert enable_short_row_attention(model) == enable_short_row_attention(model) == 2
+    assert model.config._attn_implementation == ATTENTION_NAME and other.config._attn_implementation == "sdpa"
+    assert ALL_ATTENTION_FUNCTIONS[ATTENTION_NAME] is sdpa_or_short_rows
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
+    disable_short_row_attention(model)
+    assert model.config._attn_implementation == "sdpa"

@@ -128,3 +128,19 @@ def test_help_lists_every_key():
     text = " ".join(result.stdout.split())
     for key in TrainConfig().to_flat():
         assert key in text, key
+
+
+def test_help_shows_bracketed_text():
+    """rich reads "[sigmoid, sft]" in a help string as a markup tag and drops it ("RPO = ."): it must show."""
+    import re
+
+    from preftune.config import describe_keys
+
+    bracketed = [" ".join(b.split()) for b in re.findall(r"\[[^\]]*\]", describe_keys())]
+    assert "[sigmoid, sft]" in bracketed
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "RPO = [sigmoid, sft]" in text
+    for item in bracketed:
+        assert item in text, item

@@ -11,7 +11,8 @@ from peft import LoraConfig, get_peft_model
 from preftune import train
 from preftune.config import ModelConfig
 from preftune.forward import forward_fast
-from preftune.modeling import compact_frozen_linears, load_causal_lm, restore_frozen_linears
+from preftune.memory.compaction import compact_frozen_linears, restore_frozen_linears
+from preftune.modeling import load_causal_lm
 from preftune.types import TokenizedPair
 
 
@@ -60,7 +61,7 @@ def test_compacted_frozen_linears_equal_fp32_under_autocast(tiny_model_dir):
 @pytest.mark.parametrize("source", ["safetensors", "reload"])
 def test_restore_puts_back_the_fp32_weights(tiny_model_dir, monkeypatch, source):
     if source == "reload":  # model files that are not plain safetensors: the whole model is loaded again
-        monkeypatch.setattr("preftune.modeling._read_safetensors", lambda *a: None)
+        monkeypatch.setattr("preftune.memory.compaction._read_safetensors", lambda *a: None)
     plain = lora_model(tiny_model_dir)
     compact = copy.deepcopy(plain)
     names = compact_frozen_linears(compact, torch.bfloat16)
@@ -115,7 +116,7 @@ def test_recast_weight_casts_same_gradients_less_saved(tiny_model_dir, monkeypat
     keeping their bf16 casts gives the same log-probs and gradients, bit for bit, and none of
     those casts is kept: every Linear weight (LM head included) is packed as a reference."""
     from preftune.config import TrainConfig
-    from preftune.training import _pack_weight_cast, _unpack_weight_cast, make_autocast, recast_saved_weight_casts
+    from preftune.memory.autocast import _pack_weight_cast, _unpack_weight_cast, make_autocast, recast_saved_weight_casts
 
     recast_weights: list[torch.Tensor] = []
 
@@ -143,7 +144,7 @@ def test_recast_weight_casts_same_gradients_less_saved(tiny_model_dir, monkeypat
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     assert {id(w) for w in recast_weights} == linear_weights  # 2 layers x 7 projections + the LM head
     recast_weights.clear()
-    monkeypatch.setattr("preftune.training._pack_weight_cast", counting_pack)
+    monkeypatch.setattr("preftune.memory.autocast._pack_weight_cast", counting_pack)
     cfg = TrainConfig()
     cfg.training.bf16 = True
     weight = torch.nn.Parameter(torch.randn(5, 4))
@@ -159,20 +160,19 @@ def test_selective_checkpointing_same_numbers(tiny_model_dir, monkeypatch, finet
     rerun in backward) and full (whole layers rerun) give the log-probs and every gradient of a
     run without checkpointing, bit for bit, under the training autocast and in fp32. The policy
     really keeps the matmuls and attention and reruns the norms, casts and activation."""
-    from preftune import modeling
     from preftune.config import TrainConfig
+    from preftune.memory import checkpointing, make_autocast
     from preftune.modeling import build_policy_and_reference
-    from preftune.training import make_autocast
 
     decisions: dict[str, set[str]] = {"save": set(), "recompute": set()}
-    policy = modeling._selective_policy
+    policy = checkpointing._selective_policy
 
     def recording_policy(ctx, op, *args, **kwargs):
         verdict = policy(ctx, op, *args, **kwargs)
         decisions["save" if verdict.name == "MUST_SAVE" else "recompute"].add(op.__name__.split(".")[0])
         return verdict
 
-    monkeypatch.setattr(modeling, "_selective_policy", recording_policy)
+    monkeypatch.setattr(checkpointing, "_selective_policy", recording_policy)
     cfg = TrainConfig()
     cfg.training.bf16 = precision == "bf16"
     autocast = make_autocast(cfg, torch.device("cpu"))

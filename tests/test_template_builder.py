@@ -17,7 +17,6 @@ from preftune.builders.template import (
     check_giveaways,
     giveaway_words,
     load_template_spec,
-    main,
     split_by_claim,
     write_template_pairs,
 )
@@ -331,16 +330,41 @@ def test_shipped_data_has_no_single_word_giveaway():
 # --------------------------------------------------------------------------- command line
 
 
-def test_command_line(tmp_path, capsys):
-    assert main([str(SHIPPED_SPEC), "--out", str(tmp_path / "out")]) == 0
-    out = capsys.readouterr().out
+def _run_generate_template(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``preftune generate template ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    import sys
+
+    from preftune import cli
+
+    monkeypatch.setattr(sys, "argv", ["preftune", "generate", "template", *map(str, args)])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_command_line(tmp_path, monkeypatch, capsys):
+    out_dir = tmp_path / "out"
+    code, out, err = _run_generate_template(
+        monkeypatch, capsys, "--spec", SHIPPED_SPEC, "--output", out_dir / "train.jsonl",
+        "--heldout-output", out_dir / "heldout.jsonl", "--heldout-prompts", out_dir / "heldout_prompts.txt",
+    )  # fmt: skip
+    assert code == 0, err
     assert "claims ->" in out and "held-out pairs" in out
-    assert (tmp_path / "out" / "train.jsonl").read_bytes() == (SHIPPED / "train.jsonl").read_bytes()
+    assert (out_dir / "train.jsonl").read_bytes() == (SHIPPED / "train.jsonl").read_bytes()
+    for name in ("heldout.jsonl", "heldout_prompts.txt"):  # the same files write_template_pairs writes
+        assert (out_dir / name).read_bytes() == (SHIPPED / name).read_bytes(), name
 
     spec = copy.deepcopy(small_spec())
     spec["claims"][0]["corection"] = spec["claims"][0].pop("correction")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(spec), encoding="utf-8")
-    assert main([str(bad), "--out", str(tmp_path / "bad_out")]) == 2
-    err = capsys.readouterr().err.strip()
+    code, _, err = _run_generate_template(
+        monkeypatch, capsys, "--spec", bad, "--output", tmp_path / "bad_out" / "train.jsonl"
+    )
+    assert code == 2
+    err = err.strip()
     assert err.count("\n") == 0 and "did you mean 'correction'" in err and "bad.yaml" in err

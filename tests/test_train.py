@@ -165,13 +165,13 @@ def test_lora_target_list_adapts_only_those_modules(tiny_model_dir, tmp_path):
 
 def test_heap_trimmer_trims_only_after_the_slack(monkeypatch):
     """Post-step RSS 1000, 1100, 1300 (> 1000 + 256: trim), then a new floor 1050, 1200: one trim."""
-    import preftune.training as training
+    import preftune.memory.heap as heap
 
     calls = []
-    monkeypatch.setattr(training, "_malloc_trim", lambda pad: calls.append(pad))
+    monkeypatch.setattr(heap, "_malloc_trim", lambda pad: calls.append(pad))
     values = iter([1000.0, 1100.0, 1300.0, 1050.0, 1200.0])
-    monkeypatch.setattr(training, "current_rss_mb", lambda: next(values))
-    trimmer = training.HeapTrimmer(slack_mb=256)
+    monkeypatch.setattr(heap, "current_rss_mb", lambda: next(values))
+    trimmer = heap.HeapTrimmer(slack_mb=256)
     for _ in range(5):
         trimmer.after_step()
     assert calls == [0] and trimmer.trims == 1
@@ -269,3 +269,16 @@ def test_held_grad_linear_same_bits_at_model_sizes(in_features, out_features):
     assert holder.param is weight and holder.exact and holder.grad.dtype == torch.bfloat16
     assert weight.grad is None
     assert torch.equal(holder.grad.float(), plain_w_grad)
+
+
+def test_template_none_keeps_the_original_chat_template_in_final(tiny_model_dir, tmp_path):
+    """``template: none`` trains on plain text, but final/ (and adapter/) keep the model's own chat
+    template: the trained model still chats as before."""
+    from transformers import AutoTokenizer
+
+    original = AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+    assert original
+    out = tmp_path / "run"
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=1, template="none"))
+    for saved in ("final", "adapter"):
+        assert AutoTokenizer.from_pretrained(out / saved).chat_template == original, saved

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from preftune.config import describe_keys
 from preftune.errors import PreftuneError
@@ -17,9 +19,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# typer renders help as rich markup: escape the key docs so "[sigmoid, sft]" is shown, not read as a tag.
 TRAIN_HELP = (
     "Train with DPO from CONFIG (YAML; preftune, TRL or LLaMA-Factory keys), overriding keys with KEY=VALUE.\n\n"
-    "Keys:\n\n" + describe_keys().replace("\n", "\n\n")
+    "Keys:\n\n" + escape(describe_keys()).replace("\n", "\n\n")
 )
 
 
@@ -210,7 +213,7 @@ def generate_template_cmd(
 ) -> None:
     """Pairs from a template spec; whole claims are held out (the spec's heldout list plus --heldout-fraction)."""
     try:
-        from preftune.builders import template as template_mod
+        from preftune.builders.template import check_giveaways, write_template_files
     except ImportError as e:
         raise PreftuneError(f"the template builder is not available: {e}") from None
 
@@ -219,32 +222,31 @@ def generate_template_cmd(
         _check_output_file(heldout_output)
     if not spec.is_file():
         raise PreftuneError("spec file not found", str(spec))
-    train_rows, held_rows = template_mod.build_template_splits(str(spec), seed, heldout_fraction)
-    _write_jsonl_fresh(output, train_rows)
-    typer.echo(f"wrote {len(train_rows)} pairs to {output.as_posix()}")
+    result = write_template_files(str(spec), output, heldout_output, heldout_prompts_output, seed, heldout_fraction)
+    typer.echo(
+        f"{result['claims']} claims -> {result['train_pairs']} train pairs ({result['train_claims']} claims), "
+        f"{result['heldout_pairs']} held-out pairs ({result['heldout_claims']} claims)"
+    )
+    typer.echo(f"wrote {result['train_pairs']} pairs to {output.as_posix()}")
     if heldout_output is not None:
-        _write_jsonl_fresh(heldout_output, held_rows)
-        typer.echo(f"wrote {len(held_rows)} held-out pairs to {heldout_output.as_posix()}")
-    elif held_rows:
-        typer.echo(f"{len(held_rows)} pairs of held-out claims not written (use --heldout-output)")
+        typer.echo(f"wrote {result['heldout_pairs']} held-out pairs to {heldout_output.as_posix()}")
+    elif result["heldout_pairs"]:
+        typer.echo(f"{result['heldout_pairs']} pairs of held-out claims not written (use --heldout-output)")
     if heldout_prompts_output is not None:
-        prompts = template_mod.heldout_prompts(str(spec), held_rows) if held_rows else {}
-        heldout_prompts_output.parent.mkdir(parents=True, exist_ok=True)
-        heldout_prompts_output.write_text("".join(p.replace("\n", " ") + "\n" for p in prompts.values()))
-        typer.echo(f"wrote {len(prompts)} held-out prompts to {heldout_prompts_output.as_posix()}")
+        typer.echo(f"wrote {result['heldout_claims']} held-out prompts to {heldout_prompts_output.as_posix()}")
+    for problem in check_giveaways(result["rows"]):
+        typer.echo(f"warning: {problem}", err=True)
 
 
-def _write_jsonl_fresh(path: Path, rows: list[dict]) -> None:
-    import json
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+# oneDNN (torch's CPU matmuls) caches one compiled kernel per matmul shape, 1024 by default, and
+# packed rows bring new shapes every step: over 24 steps of SmolLM2-135M full fine-tuning the heap
+# grew 237 MB with 1024 and 138 MB with 128, in the same time. Read once, at the first matmul.
+_ONEDNN_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 
 
 def main() -> None:
+    added = _ONEDNN_CACHE not in os.environ
+    os.environ.setdefault(_ONEDNN_CACHE, "128")  # the user's own setting wins
     try:
         app()
     except PreftuneError as e:
@@ -253,6 +255,9 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:  # an in-process caller (tests) gets its environment back
+        if added:
+            os.environ.pop(_ONEDNN_CACHE, None)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 
 Keys are flat in YAML (``beta: 0.1``, ``lora_r: 16``) and named like TRL's DPOConfig
 wherever TRL has one. Internally they are grouped in small dataclasses, one per concern.
-LLaMA-Factory DPO YAML is accepted as is: its keys are translated by ``LLAMAFACTORY_ALIASES``.
+LLaMA-Factory DPO YAML is accepted as is: its keys are translated by ``LLAMAFACTORY_ALIASES``
+(see :mod:`preftune.data.llamafactory`, which holds all LLaMA-Factory compatibility).
 Unknown keys are errors that suggest the closest known key.
 """
 
 from __future__ import annotations
 
-import difflib
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
+from preftune.data.llamafactory import IGNORED_KEYS, LLAMAFACTORY_ALIASES, translate_config_keys  # noqa: F401
 from preftune.errors import PreftuneError
+from preftune.util import did_you_mean
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -214,22 +216,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 CHECKPOINTING_MODES = ("full", "selective")
 
-# LLaMA-Factory key -> preftune key (values translated in _translate_llamafactory).
-LLAMAFACTORY_ALIASES = {
-    "pref_beta": "beta",
-    "pref_loss": "loss_type",
-    "cutoff_len": "max_length",
-    "lora_rank": "lora_r",
-    "val_size": "eval_split",
-}
-# Keys of LLaMA-Factory / HF TrainingArguments that carry no meaning here; accepted and ignored.
-IGNORED_KEYS = {
-    "do_train", "do_eval", "overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers",
-    "plot_loss", "report_to", "ddp_timeout", "eval_strategy", "evaluation_strategy", "save_strategy",
-    "logging_strategy", "save_only_model", "flash_attn", "run_name", "logging_dir", "remove_unused_columns",
-}  # fmt: skip
-
-
 @dataclass
 class TrainConfig:
     """The whole run: flat keys, grouped by concern."""
@@ -265,19 +251,12 @@ def all_fields() -> dict[str, tuple[str, Any]]:
     return out
 
 
-def closest(name: str, options) -> str | None:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return match[0] if match else None
-
-
-def did_you_mean(name: str, options) -> str:
-    """'; did you mean 'x'?' for the closest of ``options``, or ''."""
-    hint = closest(name, options)
-    return f"; did you mean '{hint}'?" if hint else ""
+# "did you mean" suggests a key or value at least this similar (difflib ratio).
+_HINT_CUTOFF = 0.5
 
 
 def _unknown_key(key: str, where: str | None) -> PreftuneError:
-    suggestion = did_you_mean(key, list(all_fields()) + list(LLAMAFACTORY_ALIASES))
+    suggestion = did_you_mean(key, list(all_fields()) + list(LLAMAFACTORY_ALIASES), _HINT_CUTOFF)
     return PreftuneError(f"unknown key '{key}'{suggestion} (see `preftune train --help`)", where)
 
 
@@ -340,46 +319,22 @@ def _coerce(key: str, value: Any, tp, where: str | None) -> Any:
     return value
 
 
-def _translate_llamafactory(raw: dict[str, Any], where: str | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    stage = raw.get("stage")
-    if stage is not None and stage != "dpo":
-        raise PreftuneError(f"'stage: {stage}' is not supported; preftune runs stage: dpo", where)
-    pref_ftx = raw.get("pref_ftx")
-    for key, value in raw.items():
-        if key in ("stage", "pref_ftx") or key in IGNORED_KEYS:
-            continue
-        if key == "pref_loss" and value == "kto_pair":
-            raise PreftuneError("pref_loss 'kto_pair' is not supported; use sigmoid, hinge, ipo, orpo or simpo", where)
-        if key == "eval_dataset":
-            raise PreftuneError("'eval_dataset' is not supported; use eval_file or val_size", where)
-        out[LLAMAFACTORY_ALIASES.get(key, key)] = value
-    if pref_ftx:
-        # LLaMA-Factory: loss = preference loss + pref_ftx * SFT loss on chosen
-        base = out.get("loss_type", "sigmoid")
-        base = [base] if isinstance(base, str) else list(base)
-        if "sft" not in base:
-            out["loss_type"] = base + ["sft"]
-            out["loss_weights"] = [1.0] * len(base) + [float(pref_ftx)]
-    return out
-
-
 def _validate(cfg: TrainConfig, where: str | None) -> None:
     flat = cfg.to_flat()
     for key, options in CHOICES.items():
         value = flat[key]
         if value is not None and value not in options:
-            extra = did_you_mean(str(value), options)
+            extra = did_you_mean(str(value), options, _HINT_CUTOFF)
             raise PreftuneError(f"'{key}' is '{value}'{extra} (choose from {', '.join(options)})", where)
     ckpt = flat["gradient_checkpointing"]
     if isinstance(ckpt, str) and ckpt not in CHECKPOINTING_MODES:
-        extra = did_you_mean(ckpt, CHECKPOINTING_MODES)
+        extra = did_you_mean(ckpt, CHECKPOINTING_MODES, _HINT_CUTOFF)
         raise PreftuneError(
             f"'gradient_checkpointing' is '{ckpt}'{extra} (choose from true, false, {', '.join(CHECKPOINTING_MODES)})", where
         )
     for name in cfg.loss_types:
         if name not in LOSS_NAMES:
-            extra = did_you_mean(name, LOSS_NAMES)
+            extra = did_you_mean(name, LOSS_NAMES, _HINT_CUTOFF)
             raise PreftuneError(f"unknown loss_type '{name}'{extra} (known: {', '.join(LOSS_NAMES)})", where)
     if not cfg.loss_types:
         raise PreftuneError("'loss_type' must name at least one loss", where)
@@ -441,7 +396,7 @@ def from_dict(raw: dict[str, Any], where: str | None = None, base_dir: Path | No
     """Build and validate a config from flat keys (preftune, TRL or LLaMA-Factory names)."""
     if not isinstance(raw, dict):
         raise PreftuneError("the config must be a mapping of keys to values", where)
-    raw = _translate_llamafactory(raw, where)
+    raw = translate_config_keys(raw, where)
     known = all_fields()
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for key, value in raw.items():

@@ -47,6 +47,7 @@ import torch
 from preftune.errors import PreftuneError
 from preftune.generation import degeneration, generate_completions, load_prompts, prompt_text
 from preftune.types import PreferencePair
+from preftune.util import model_device
 
 __all__ = ["compare_generations", "load_model", "pair_scores", "print_tables", "report_markdown", "run_eval"]
 
@@ -68,13 +69,6 @@ def _unwrap(obj: Any):
     if _is_reference_like(obj):
         return obj.model, obj.context
     return obj, contextlib.nullcontext
-
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
 
 
 def load_model(name: str | Path, *, device: str = "auto", dtype: str = "auto", template: str | None = None,
@@ -145,7 +139,7 @@ def _logps(model: Any, tokenized: list, pad_id: int, batch_size: int) -> tuple[l
     from preftune.forward import forward_padded
 
     module, context = _unwrap(model)
-    device = _device(module)
+    device = model_device(module)
     order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i].prompt_ids)
                    + max(len(tokenized[i].chosen_ids), len(tokenized[i].rejected_ids)))  # fmt: skip
     out = [[0.0] * len(tokenized) for _ in range(4)]
@@ -231,7 +225,7 @@ def pair_scores(
     if batch_size < 1:
         raise PreftuneError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(reference, (str, Path)):
-        ref_model, ref_tok, _ = load_model(reference, device=str(_device(_unwrap(model)[0])))
+        ref_model, ref_tok, _ = load_model(reference, device=str(model_device(_unwrap(model)[0])))
         if not _same_vocab(tokenizer, ref_tok):
             raise PreftuneError(f"reference '{reference}' uses a different tokenizer than the model; "
                                 "log-prob comparisons need the same one")  # fmt: skip

@@ -6,7 +6,6 @@ fast paths are tested against.
 
 from __future__ import annotations
 
-import functools
 import logging
 import weakref
 from dataclasses import dataclass
@@ -16,14 +15,18 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from preftune.batching import PaddedBatch, collate_padded
+from preftune.kernels.short_row_attention import ATTENTION_NAME as SHORT_ROW_ATTENTION
+from preftune.kernels.tied_head import TiedHeadProjection
+from preftune.kernels.token_logps import TokenLogps, token_logps
 from preftune.logprobs import SequenceLogps, completion_logps
 from preftune.modeling import unwrap_peft
 from preftune.packing import PackedRows, additive_mask, pack_pairs, packed_token_count
 from preftune.types import TokenizedPair
+from preftune.util import model_device
 
 __all__ = [
-    "FAST", "PACKED_FULL_LOGITS", "PADDED", "PairForward", "TokenLogps", "chunked_head_logps", "fast_path_mode",
-    "forward_fast", "forward_packed", "forward_padded", "packed_token_count", "unsupported_reason",
+    "FAST", "PACKED_FULL_LOGITS", "PADDED", "PairForward", "TiedHeadProjection", "TokenLogps", "chunked_head_logps",
+    "fast_path_mode", "forward_fast", "forward_packed", "forward_padded", "packed_token_count", "unsupported_reason",
 ]  # fmt: skip
 
 
@@ -56,8 +59,9 @@ def forward_padded(model: nn.Module, batch: PaddedBatch) -> PairForward:
 #                       lm_head (a config field in _HEAD_EXTRAS: final-logit softcapping, logit
 #                       scaling; or the probe saw a difference): packed rows through the whole
 #                       model, full logits (R, L, V) of the packed rows, then gather
-#   PADDED              anything else -> forward_padded: attention other than sdpa/eager
-#                       (flash/flex ignore or reject a dense 4-D mask), chunked attention,
+#   PADDED              anything else -> forward_padded: attention other than sdpa/eager (and
+#                       kernels/short_row_attention.py's sdpa variant; flash/flex ignore or
+#                       reject a dense 4-D mask), chunked attention,
 #                       PEFT prompt learning (virtual tokens), a sliding window shorter than a
 #                       pair's longest sequence, or a model that failed the probe.
 # The probe runs once per model (and attention implementation): 3 synthetic pairs through the
@@ -72,7 +76,7 @@ FAST = "fast"
 PACKED_FULL_LOGITS = "packed_full_logits"
 PADDED = "padded"
 
-_MASKABLE_ATTENTION = ("sdpa", "eager")
+_MASKABLE_ATTENTION = ("sdpa", "eager", SHORT_ROW_ATTENTION)  # the last: sdpa, some calls as ShortRowAttention
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 _probe_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[str, str]]" = weakref.WeakKeyDictionary()
 log = logging.getLogger(__name__)
@@ -96,7 +100,7 @@ def forward_fast(
     in backward instead of kept, so at most one (chunk_size, V) block of logits is alive.
     ``row_length_multiple`` pads the rows to a multiple of that many tokens (fewer distinct shapes).
     """
-    device = _device(model)
+    device = model_device(model)
     mode = fast_path_mode(model, pairs)
     if mode == PADDED:
         return forward_padded(model, collate_padded(pairs, pad_token_id).to(device))
@@ -115,16 +119,16 @@ def forward_packed(model: nn.Module, packed: PackedRows, *, full_logits: bool = 
     if full_logits or decoder is None or head is None:
         logits = base(**inputs).logits  # (R, L, V)
         flat = logits.reshape(-1, logits.shape[-1]).index_select(0, packed.pred_index)  # (N, V)
-        token_logps, mean_logits = _token_logps(flat, packed.target_ids)
+        per_token, mean_logits = token_logps(flat, packed.target_ids)
     else:
         hidden = decoder(**inputs)[0]  # (R, L, H), after the final norm
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.pred_index)  # (N, H)
         embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
         tied = embed is not None and getattr(head, "weight", None) is embed.weight
-        token_logps, mean_logits = chunked_head_logps(head, hidden, packed.target_ids, chunk_size, tied=tied)
-        if token_logps.numel() == 0:  # nothing to score: keep the graph connected anyway
-            token_logps = token_logps + hidden.sum() * 0
-    return _per_sequence(packed, token_logps, mean_logits)
+        per_token, mean_logits = chunked_head_logps(head, hidden, packed.target_ids, chunk_size, tied=tied)
+        if per_token.numel() == 0:  # nothing to score: keep the graph connected anyway
+            per_token = per_token + hidden.sum() * 0
+    return _per_sequence(packed, per_token, mean_logits)
 
 
 def chunked_head_logps(
@@ -145,7 +149,7 @@ def chunked_head_logps(
         if recompute:
             lp, mean = checkpoint(_head_chunk, head, h, t, use_reentrant=False)
         elif tied and TiedHeadProjection.applies(head, h):
-            lp, mean = _token_logps(TiedHeadProjection.apply(h, head.weight), t)
+            lp, mean = token_logps(TiedHeadProjection.apply(h, head.weight), t)
         else:
             lp, mean = _head_chunk(head, h, t)
         logps.append(lp)
@@ -235,112 +239,8 @@ def _sliding_window(config) -> int | None:
     return int(window)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _head_chunk(head: nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    return _token_logps(head(hidden), targets)
-
-
-class TiedHeadProjection(torch.autograd.Function):
-    """The LM head's matmul under autocast, for a trainable head tied to the input embedding.
-
-    Plain autograd turns the head's bf16 weight gradient into fp32 at once (V x H: 113 MB on
-    SmolLM2-135M) and holds it for the whole backward, until the embedding's gradient arrives
-    at the end to be added. Here the bf16 gradient is held instead, and a hook on the weight
-    adds it to the embedding's gradient before accumulation: the same fp32 sum of the same two
-    values, so the same numbers (twin test in tests/test_packing.py). The forward is the call
-    autocast makes (both cast to bf16, ``mm`` with the transposed weight), the gradients the
-    ``mm`` calls autograd's backward makes.
-    """
-
-    enabled = True  # the twin test switches it off
-    ADD_ROWS = 4096  # the fp32 += bf16 add upcasts this many rows at a time, not all V
-
-    @staticmethod
-    def applies(head: nn.Module, hidden: Tensor) -> bool:
-        weight = getattr(head, "weight", None)
-        device = hidden.device.type
-        return (TiedHeadProjection.enabled and type(head) is nn.Linear and head.bias is None and torch.is_grad_enabled()
-                and weight.requires_grad and torch.is_autocast_enabled(device) and hidden.dim() == 2
-                and torch.get_autocast_dtype(device) != weight.dtype)  # fmt: skip
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor) -> Tensor:  # (n, H), (V, H) -> (n, V)
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        with torch.autocast(hidden.device.type, enabled=False):
-            h = hidden.to(dtype)
-            logits = torch.mm(h, weight.to(dtype).t())
-        ctx.save_for_backward(h)
-        ctx.weight = weight  # the parameter itself: the held gradients live on it
-        ctx.hidden_dtype = hidden.dtype
-        if not hasattr(weight, "_preftune_head_grads"):
-            weight._preftune_head_grads = []
-            weight.register_hook(functools.partial(TiedHeadProjection._add_held, weakref.ref(weight)))
-        return logits
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (h,), weight = ctx.saved_tensors, ctx.weight
-        grad_hidden = grad.mm(weight.to(grad.dtype)).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
-        weight._preftune_head_grads.append(grad.t().mm(h))  # (V, H) in bf16
-        return grad_hidden, None
-
-    @staticmethod
-    def _add_held(weight_ref, grad: Tensor) -> Tensor:
-        """Runs on the weight's incoming gradient (the embedding's), before accumulation."""
-        held, rows = weight_ref()._preftune_head_grads, TiedHeadProjection.ADD_ROWS
-        while held:  # in place, into autograd's own buffer; fp32 += bf16 computes in fp32
-            part = held.pop()
-            for start in range(0, part.shape[0], rows):
-                grad[start : start + rows].add_(part[start : start + rows])
-        return grad
-
-
-def _token_logps(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """(n, V) logits -> log p(target), vocabulary-mean logit; fp32 like ``completion_logps``."""
-    return TokenLogps.apply(logits, targets)
-
-
-class TokenLogps(torch.autograd.Function):
-    """log p(target) = logit[target] - logsumexp(logits) in fp32, a block of rows at a time.
-
-    The same numbers as ``logits.float()`` -> gather - logsumexp under autograd, but the fp32
-    (n, V) copies (the cast, the exponentials, the gradient's zeros and scatter) exist only per
-    block of ``BLOCK_ROWS`` rows, which stays in cache; autograd's version makes ~10 passes over
-    n x V fp32 in memory. Saves the logits as given (bf16 under autocast) and the (n,) logsumexp.
-    """
-
-    BLOCK_ROWS = 32  # 32 x 49152 fp32 = 6 MB
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:  # (n, V), (n,) -> (n,), (n,)
-        n = logits.shape[0]
-        lse = logits.new_empty(n, dtype=torch.float32)
-        token = logits.new_empty(n, dtype=torch.float32)
-        mean = logits.new_empty(n, dtype=torch.float32)
-        for start in range(0, n, TokenLogps.BLOCK_ROWS):
-            rows = slice(start, start + TokenLogps.BLOCK_ROWS)
-            block = logits[rows].float()  # (b, V)
-            lse[rows] = torch.logsumexp(block, dim=-1)
-            token[rows] = block.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
-            mean[rows] = block.mean(-1)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.mark_non_differentiable(mean)
-        return token - lse, mean
-
-    @staticmethod
-    def backward(ctx, grad_logps: Tensor, _grad_mean: Tensor):
-        logits, targets, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], TokenLogps.BLOCK_ROWS):
-            rows = slice(start, start + TokenLogps.BLOCK_ROWS)
-            g = grad_logps[rows].unsqueeze(-1)  # (b, 1)
-            block = (logits[rows].float() - lse[rows].unsqueeze(-1)).exp_().mul_(-g)  # -g * softmax
-            block.scatter_add_(-1, targets[rows].unsqueeze(-1), g)  # + g at the target
-            grad[rows] = block
-        return grad, None
+    return token_logps(head(hidden), targets)
 
 
 def _per_sequence(packed: PackedRows, token_logps: Tensor, mean_logits: Tensor) -> PairForward:
@@ -368,7 +268,7 @@ def _probe(model: nn.Module) -> str:
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     vocab = getattr(config, "vocab_size", None) or 32
     pairs = [TokenizedPair([t % vocab for t in p], [t % vocab for t in c], [t % vocab for t in r]) for p, c, r in _PROBE_PAIRS]
-    device = _device(model)
+    device = model_device(model)
     dtype = base.get_input_embeddings().weight.dtype
     # weights in a lower precision than the embeddings (compact_frozen_linears) only run under autocast
     lowest = min((p.dtype for p in model.parameters() if p.is_floating_point()), key=lambda d: torch.finfo(d).bits)

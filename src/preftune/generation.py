@@ -36,6 +36,7 @@ import torch
 from preftune.errors import PreftuneError
 from preftune.templates import has_chat_template, render_prompt
 from preftune.types import Message
+from preftune.util import model_device, special_token_strings
 
 __all__ = [
     "MIN_WORDS_FOR_NGRAMS",
@@ -164,16 +165,6 @@ class Completion:
 _SENTINEL = "PreftuneGenerationSentinelQzx"
 
 
-def _special_strings(tokenizer: Any) -> list[str]:
-    specials: set[str] = set()
-    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
-        if getattr(tok, "special", False):
-            specials.add(getattr(tok, "content", str(tok)))
-    specials.update(getattr(tokenizer, "all_special_tokens", None) or [])
-    specials.discard("")
-    return sorted(specials, key=len, reverse=True)
-
-
 def end_of_turn_ids(tokenizer: Any, model: Any = None) -> list[int]:
     """Token ids that end an answer: EOS, the chat template's end-of-turn token (the
     first special token it writes after an assistant reply, e.g. ``<|im_end|>``), and
@@ -199,7 +190,7 @@ def end_of_turn_ids(tokenizer: Any, model: Any = None) -> list[int]:
         i = text.find(_SENTINEL) if isinstance(text, str) else -1
         if i != -1:
             after = text[i + len(_SENTINEL) :]
-            hits = [(after.find(s), s) for s in _special_strings(tokenizer) if s in after]
+            hits = [(after.find(s), s) for s in special_token_strings(tokenizer) if s in after]
             if hits:
                 tok = min(hits, key=lambda h: (h[0], -len(h[1])))[1]
                 add(tokenizer.convert_tokens_to_ids(tok))
@@ -260,13 +251,6 @@ class _RowSampler:
         return out
 
 
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
 def _check_gen_args(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
                     num_return_sequences: int, batch_size: int) -> None:  # fmt: skip
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -318,7 +302,7 @@ def generate_completions(
     if not stop_ids:
         raise PreftuneError("the tokenizer has no EOS token, so generation cannot stop; set tokenizer.eos_token")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    device = _model_device(model)
+    device = model_device(model)
 
     prompt_ids = [render_prompt(p, tokenizer, system_prompt) for p in prompts]
     if answer_prefixes is not None:

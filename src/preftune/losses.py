@@ -18,7 +18,6 @@ Notation used in the docstrings (all per pair):
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from preftune.errors import PreftuneError
+from preftune.util import did_you_mean
 
 __all__ = [
     "LOSSES",
@@ -313,8 +313,7 @@ def get_loss(name: str) -> LossFn:
         return LOSSES[name]
     except KeyError:
         pass
-    close = difflib.get_close_matches(str(name), LOSSES, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    hint = did_you_mean(str(name), LOSSES, cutoff=0.6)
     raise PreftuneError(f"unknown loss_type '{name}'{hint} known: {', '.join(sorted(LOSSES))}")
 
 

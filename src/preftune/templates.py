@@ -55,6 +55,7 @@ from typing import Any
 
 from preftune.errors import PreftuneError
 from preftune.types import Message, PreferencePair, TokenizedPair
+from preftune.util import special_token_strings
 
 __all__ = [
     "DropReason",
@@ -136,20 +137,13 @@ def _leading_special_ids(tokenizer: Any) -> list[int]:
 
 def _make_ctx(tokenizer: Any) -> _Ctx:
     chat = has_chat_template(tokenizer)
-    specials: set[str] = set()
-    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    for tok in decoder.values():
-        if getattr(tok, "special", False):
-            specials.add(getattr(tok, "content", str(tok)))
-    specials.update(getattr(tokenizer, "all_special_tokens", None) or [])
-    specials.discard("")
     return _Ctx(
         tokenizer=tokenizer,
         chat=chat,
         lead_ids=[] if chat else _leading_special_ids(tokenizer),
         eos_id=getattr(tokenizer, "eos_token_id", None),
         bos_id=getattr(tokenizer, "bos_token_id", None),
-        specials=tuple(sorted(specials, key=len, reverse=True)),
+        specials=special_token_strings(tokenizer),
     )
 
 

@@ -65,40 +65,36 @@ is used about equally often: no opening (and so no first word) dominates a side.
 Giveaways
 =========
 
-Preference data teaches whatever separates chosen from rejected.  If every chosen reply
+Preference data teaches whatever separates chosen from rejected: if every chosen reply
 starts with "Actually" and every rejected one with "Yes", the model can learn the first
-word instead of the behaviour.  :func:`giveaway_words` measures this on any rows (first
-words per side and how one-sided each common word is) and :func:`check_giveaways` turns
-the measurements into a list of problems.  Negation words (``not``, ``no``, ``isn't``
-...) are exempt by default: negating the false claim *is* the correction, so they are
-expected to lean to the chosen side.
+word instead of the behaviour.  :mod:`preftune.builders.giveaways` measures this
+(:func:`giveaway_words`, :func:`check_giveaways`; re-exported here).
 
 Command line
 ============
 
-``python -m preftune.builders.template SPEC [--seed 0] [--out DIR]`` writes
-``train.jsonl``, ``heldout.jsonl`` and ``heldout_prompts.txt`` (one prompt per held-out
-claim, one per line, using as many different phrasings as possible) next to the spec (or
-into ``DIR``) and prints the counts and any giveaway problems.
+``preftune generate template --spec SPEC --output train.jsonl [--heldout-output
+heldout.jsonl] [--heldout-prompts heldout_prompts.txt] [--seed 0] [--heldout-fraction F]``
+writes the training pairs, the held-out claims' pairs and one prompt per held-out claim
+(one per line, using as many different phrasings as possible), and prints the counts and
+any giveaway problems.  :func:`write_template_pairs` writes the three files into one folder.
 """
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import json
 import math
 import random
 import re
-import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
+from preftune.builders.giveaways import NEGATION_WORDS, check_giveaways, giveaway_words
 from preftune.errors import PreftuneError
+from preftune.util import atomic_write_text, did_you_mean
 
 __all__ = [
     "Claim",
@@ -108,11 +104,11 @@ __all__ = [
     "build_template_splits",
     "split_by_claim",
     "heldout_prompts",
+    "write_template_files",
     "write_template_pairs",
     "giveaway_words",
     "check_giveaways",
     "NEGATION_WORDS",
-    "main",
 ]
 
 PLACEHOLDER = "{claim}"
@@ -124,13 +120,6 @@ _ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _BRACES = re.compile(r"\{[^{}]*\}")
 _SENTENCE_END = (".", "!", "?")
 _FINAL_PUNCT = (".", "!", "?", '"', "'", ")", "\u201d", "\u2019")
-_WORD = re.compile(r"[a-z0-9]+(?:['\u2019][a-z]+)*")
-
-#: Words that a correction of a false claim naturally carries; exempt from the one-sidedness check.
-NEGATION_WORDS = frozenset(
-    "not no never nor none nothing cannot can't isn't aren't wasn't weren't doesn't don't didn't "
-    "won't wouldn't shouldn't couldn't hasn't haven't hadn't".split()
-)
 
 
 # --------------------------------------------------------------------------- spec
@@ -174,15 +163,10 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _did_you_mean(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
 def _check_keys(mapping: dict, allowed: tuple[str, ...], what: str, where: str) -> None:
     for key in mapping:
         if key not in allowed:
-            hint = _did_you_mean(str(key), allowed) or f" (known: {', '.join(allowed)})"
+            hint = did_you_mean(str(key), allowed) or f" (known: {', '.join(allowed)})"
             raise PreftuneError(f"{what}unknown key '{key}'{hint}", where)
 
 
@@ -226,7 +210,7 @@ def _phrasings(value: Any, where: str) -> tuple[str, ...]:
     for i, text in enumerate(phrasings, start=1):
         for token in _BRACES.findall(text):
             if token != PLACEHOLDER:
-                hint = _did_you_mean(token, [PLACEHOLDER]) or f" (only {PLACEHOLDER} is filled in)"
+                hint = did_you_mean(token, [PLACEHOLDER]) or f" (only {PLACEHOLDER} is filled in)"
                 raise PreftuneError(f"phrasings entry {i} has unknown placeholder '{token}'{hint}", where)
         count = text.count(PLACEHOLDER)
         if count != 1:
@@ -285,7 +269,7 @@ def _heldout(value: Any, claims: tuple[Claim, ...], where: str) -> tuple[str, ..
     for i, item in enumerate(value, start=1):
         cid = _text(item, f"heldout entry {i}", where)
         if cid not in ids:
-            raise PreftuneError(f"heldout entry {i}: no claim with id '{cid}'{_did_you_mean(cid, ids)}", where)
+            raise PreftuneError(f"heldout entry {i}: no claim with id '{cid}'{did_you_mean(cid, ids)}", where)
         if cid in out:
             raise PreftuneError(f"heldout entry {i}: '{cid}' is listed twice", where)
         out.append(cid)
@@ -476,7 +460,7 @@ def split_by_claim(
     held: list[str] = []
     for cid in heldout_claims or []:
         if cid not in claims:
-            raise PreftuneError(f"heldout claim '{cid}' is not in the rows{_did_you_mean(str(cid), claims)}", None)
+            raise PreftuneError(f"heldout claim '{cid}' is not in the rows{did_you_mean(str(cid), claims)}", None)
         if cid not in held:
             held.append(cid)
     target = round(heldout_fraction * len(claims))
@@ -533,37 +517,37 @@ def heldout_prompts(spec: str | Path | dict | TemplateSpec, rows: list[dict]) ->
     return out
 
 
-def write_template_pairs(
+def write_template_files(
     spec: str | Path | dict | TemplateSpec,
-    out_dir: str | Path | None = None,
+    train_path: str | Path,
+    heldout_path: str | Path | None = None,
+    prompts_path: str | Path | None = None,
     seed: int = 0,
     heldout_fraction: float = 0.0,
 ) -> dict[str, Any]:
-    """Write ``train.jsonl``, ``heldout.jsonl`` and ``heldout_prompts.txt`` into ``out_dir``.
-
-    ``out_dir`` defaults to the spec's folder.  ``heldout_prompts.txt`` holds one prompt
-    per held-out claim (see :func:`heldout_prompts`), one per line.  Returns the paths,
-    the counts and the rows (train, then held-out).
+    """Expand and split ``spec``, then write the training pairs to ``train_path`` and, when
+    given, the held-out claims' pairs to ``heldout_path`` and one prompt per held-out claim
+    (see :func:`heldout_prompts`), one per line, to ``prompts_path``.  Each file is replaced
+    atomically.  Returns the paths written, the counts and the rows (train, then held-out).
     """
-    if out_dir is None:
-        if not isinstance(spec, (str, Path)):
-            raise PreftuneError("out_dir is required when the spec is not a file", None)
-        out_dir = Path(spec).expanduser().parent
     spec = load_template_spec(spec)
     train, heldout = build_template_splits(spec, seed, heldout_fraction)
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     prompts = heldout_prompts(spec, heldout)
-    paths = {
-        "train": out / "train.jsonl",
-        "heldout": out / "heldout.jsonl",
-        "heldout_prompts": out / "heldout_prompts.txt",
+    texts = {
+        "train": (train_path, _jsonl(train)),
+        "heldout": (heldout_path, _jsonl(heldout)),
+        "heldout_prompts": (prompts_path, "".join(p.replace("\n", " ") + "\n" for p in prompts.values())),
     }
-    paths["train"].write_text(_jsonl(train), encoding="utf-8")
-    paths["heldout"].write_text(_jsonl(heldout), encoding="utf-8")
-    paths["heldout_prompts"].write_text("".join(p + "\n" for p in prompts.values()), encoding="utf-8")
+    paths: dict[str, str] = {}
+    for key, (path, text) in texts.items():
+        if path is None:
+            continue
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+        paths[key] = str(path)
     return {
-        "paths": {k: str(v) for k, v in paths.items()},
+        "paths": paths,
         "claims": len(spec.claims),
         "train_claims": len({r["claim"] for r in train}),
         "heldout_claims": len(prompts),
@@ -573,142 +557,20 @@ def write_template_pairs(
     }
 
 
-# --------------------------------------------------------------------------- giveaways
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower().replace("\u2019", "'"))
-
-
-def giveaway_words(rows: list[dict], top: int = 10, min_share: float = 0.05) -> dict[str, Any]:
-    """Measure how easily a single word tells chosen from rejected.
-
-    Returns a dict with:
-
-    * ``rows``: the number of rows; ``mean_words``: mean reply length per side.
-    * ``first_word_accuracy``: how often the side of a reply is guessed right from its
-      first word alone (each first word guessing its more frequent side): 0.5 means the
-      first word tells nothing, 1.0 that it always gives the side away.
-    * ``first_words``: per side, the ``top`` most common first words as
-      ``{"word", "rows", "share", "chosen_fraction"}``: ``rows``/``share`` count the rows
-      whose reply on that side starts with the word; ``chosen_fraction`` is the share of
-      all replies (both sides) starting with the word that are chosen replies -- 0.5
-      means the first word says nothing about the side, 1.0 or 0.0 that it gives it away.
-    * ``words``: the ``top`` most one-sided words among words found in at least
-      ``min_share`` of rows (in either reply), as ``{"word", "rows", "share",
-      "chosen_fraction"}`` where ``chosen_fraction`` is (chosen replies containing the
-      word) / (replies of both sides containing it).
-
-    Words are lower-cased runs of letters and digits (apostrophes kept: ``you're``).
-    """
-    n = len(rows)
-    first = {"chosen": Counter(), "rejected": Counter()}
-    docs = {"chosen": Counter(), "rejected": Counter()}
-    in_rows: Counter = Counter()
-    lengths = {"chosen": 0, "rejected": 0}
-    for row in rows:
-        row_words: set[str] = set()
-        for side in ("chosen", "rejected"):
-            words = _words(str(row[side]))
-            lengths[side] += len(words)
-            if words:
-                first[side][words[0]] += 1
-            docs[side].update(set(words))
-            row_words.update(words)
-        in_rows.update(row_words)
-
-    def first_stats(side: str) -> list[dict]:
-        out = []
-        for word, count in first[side].most_common(top):
-            total = first["chosen"][word] + first["rejected"][word]
-            out.append(
-                {"word": word, "rows": count, "share": count / n, "chosen_fraction": first["chosen"][word] / total}
-            )
-        return out
-
-    common = []
-    for word, count in in_rows.items():
-        if n and count / n >= min_share:
-            c, r = docs["chosen"][word], docs["rejected"][word]
-            common.append({"word": word, "rows": count, "share": count / n, "chosen_fraction": c / (c + r)})
-    common.sort(key=lambda w: (-max(w["chosen_fraction"], 1 - w["chosen_fraction"]), -w["rows"], w["word"]))
-    firsts = set(first["chosen"]) | set(first["rejected"])
-    guessed = sum(max(first["chosen"][w], first["rejected"][w]) for w in firsts)
-    return {
-        "rows": n,
-        "mean_words": {side: (lengths[side] / n if n else 0.0) for side in lengths},
-        "first_word_accuracy": guessed / (2 * n) if n else 0.0,
-        "first_words": {"chosen": first_stats("chosen"), "rejected": first_stats("rejected")},
-        "words": common[:top],
-    }
-
-
-def check_giveaways(
-    rows: list[dict],
-    max_first_share: float = 0.25,
-    min_word_share: float = 0.10,
-    max_one_sided: float = 0.95,
-    exempt: Iterable[str] = NEGATION_WORDS,
-    max_length_ratio: float = 1.25,
-) -> list[str]:
-    """Problems that let a single surface feature give the answer away (empty list: none).
-
-    * a first word that starts more than ``max_first_share`` of one side's replies;
-    * a word found in at least ``min_word_share`` of rows whose replies containing it are
-      ``max_one_sided`` or more on one side (``exempt`` words aside: by default the
-      negation words, which a correction inherently carries);
-    * mean reply lengths (in words) differing by more than ``max_length_ratio``.
-    """
-    problems = []
-    if not rows:
-        return problems
-    report = giveaway_words(rows, top=10**9, min_share=min_word_share)
-    for side in ("chosen", "rejected"):
-        for w in report["first_words"][side]:
-            if w["share"] > max_first_share:
-                problems.append(f"{w['share']:.0%} of {side} replies start with '{w['word']}'")
-    skip = set(exempt)
-    for w in report["words"]:
-        lean = max(w["chosen_fraction"], 1 - w["chosen_fraction"])
-        if w["word"] not in skip and lean >= max_one_sided:
-            side = "chosen" if w["chosen_fraction"] >= 0.5 else "rejected"
-            problems.append(f"'{w['word']}' is in {w['share']:.0%} of rows and {lean:.0%} on the {side} side")
-    lc, lr = report["mean_words"]["chosen"], report["mean_words"]["rejected"]
-    if min(lc, lr) > 0 and max(lc, lr) / min(lc, lr) > max_length_ratio:
-        problems.append(f"mean reply length differs: chosen {lc:.1f} words, rejected {lr:.1f} words")
-    return problems
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m preftune.builders.template",
-        description="Expand a claims x phrasings spec into train.jsonl, heldout.jsonl and heldout_prompts.txt.",
+def write_template_pairs(
+    spec: str | Path | dict | TemplateSpec,
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+    heldout_fraction: float = 0.0,
+) -> dict[str, Any]:
+    """Write ``train.jsonl``, ``heldout.jsonl`` and ``heldout_prompts.txt`` into ``out_dir``
+    (default: the spec's folder); see :func:`write_template_files`."""
+    if out_dir is None:
+        if not isinstance(spec, (str, Path)):
+            raise PreftuneError("out_dir is required when the spec is not a file", None)
+        out_dir = Path(spec).expanduser().parent
+    spec = load_template_spec(spec)
+    out = Path(out_dir).expanduser()
+    return write_template_files(
+        spec, out / "train.jsonl", out / "heldout.jsonl", out / "heldout_prompts.txt", seed, heldout_fraction
     )
-    parser.add_argument("spec", help="the spec YAML")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--out", default=None, help="output folder (default: the spec's folder)")
-    parser.add_argument(
-        "--heldout-fraction", type=float, default=0.0, help="hold out this fraction of claims in all (seeded)"
-    )
-    args = parser.parse_args(argv)
-    try:
-        result = write_template_pairs(args.spec, args.out, args.seed, args.heldout_fraction)
-    except PreftuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(
-        f"{result['claims']} claims -> {result['train_pairs']} train pairs ({result['train_claims']} claims), "
-        f"{result['heldout_pairs']} held-out pairs ({result['heldout_claims']} claims)"
-    )
-    for path in result["paths"].values():
-        print(f"wrote {path}")
-    for problem in check_giveaways(result["rows"]):
-        print(f"warning: {problem}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

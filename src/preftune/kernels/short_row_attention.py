@@ -10,6 +10,10 @@ quadratic, so longer rows stay with it.
 The numbers are the flash kernel's to bf16 rounding (scores, softmax and the probability
 gradient in fp32, the matmuls that make bf16 results in bf16, as the kernel does); in fp32 the
 function equals ``scaled_dot_product_attention`` to 1e-6 (tests/test_attention.py).
+
+An enabled model runs under its own attention implementation, ``ATTENTION_NAME``, registered
+with transformers' ``AttentionInterface`` (and its masks made as for "sdpa"): each call that
+``applies`` takes ``ShortRowAttention``, every other call goes to transformers' "sdpa" function.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from preftune.modeling import unwrap_peft
+
 SHORT_ROW_MAX = 256  # longest row (tokens) that takes ShortRowAttention
 ENABLED_ATTR = "_preftune_short_row_attention"
+ATTENTION_NAME = "preftune_short_rows"  # the attn_implementation an enabled model runs under
 
 
 class ShortRowAttention(torch.autograd.Function):
@@ -92,33 +99,53 @@ def applies(module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, 
             and query.shape[1] % key.shape[1] == 0 and compute_dtype(query) == torch.bfloat16)  # fmt: skip
 
 
-def _wrap_sdpa(original):
-    def sdpa_or_short_rows(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        if applies(module, query, key, attention_mask, dropout, kwargs):
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            out = ShortRowAttention.apply(query, key, value, attention_mask, scale, torch.bfloat16)
-            return out.transpose(1, 2).contiguous(), None  # (B, L, H, D), as transformers' sdpa returns
-        return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+def sdpa_or_short_rows(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The attention function registered as ``ATTENTION_NAME``: ShortRowAttention where it applies,
+    transformers' "sdpa" function otherwise (looked up at each call, as the model would)."""
+    if applies(module, query, key, attention_mask, dropout, kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = ShortRowAttention.apply(query, key, value, attention_mask, scale, torch.bfloat16)
+        return out.transpose(1, 2).contiguous(), None  # (B, L, H, D), as transformers' sdpa returns
+    sdpa = _attention_functions["sdpa"]
+    return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
-    sdpa_or_short_rows.preftune_wrapped = original
-    return sdpa_or_short_rows
+
+_attention_functions: dict = {}  # transformers' ALL_ATTENTION_FUNCTIONS, once registered
+
+
+def register_short_row_attention() -> None:
+    """Make ``ATTENTION_NAME`` known to transformers: the attention function, and masks as sdpa's."""
+    global _attention_functions
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    _attention_functions = ALL_ATTENTION_FUNCTIONS
+    AttentionInterface.register(ATTENTION_NAME, sdpa_or_short_rows)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def enable_short_row_attention(model: nn.Module) -> int:
-    """Let this model's attention layers use ShortRowAttention (where ``applies``); returns how many.
-
-    transformers looks its "sdpa" function up in a registry at every call; the registry's entry
-    is wrapped once, and the wrapper sends only the calls of enabled layers here, so other
-    models in the process, and every call that does not qualify, go to transformers' own function.
-    """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    if not hasattr(current, "preftune_wrapped"):
-        ALL_ATTENTION_FUNCTIONS["sdpa"] = _wrap_sdpa(current)
+    """Mark this model's decoder attention layers as the ones ShortRowAttention may take, and run a
+    model on "sdpa" under ``ATTENTION_NAME`` (other implementations never reach it); returns how
+    many layers were marked. Other models in the process keep transformers' own functions."""
+    base = unwrap_peft(model)
+    if base.config._attn_implementation == "sdpa":
+        register_short_row_attention()
+        base.set_attn_implementation(ATTENTION_NAME)
     layers = 0
     for module in model.modules():
         if hasattr(module, "num_key_value_groups") and hasattr(module, "scaling"):  # a decoder attention layer
             setattr(module, ENABLED_ATTR, True)
             layers += 1
     return layers
+
+
+def disable_short_row_attention(model: nn.Module) -> None:
+    """Undo ``enable_short_row_attention``: the model runs transformers' "sdpa" again."""
+    base = unwrap_peft(model)
+    if base.config._attn_implementation == ATTENTION_NAME:
+        base.set_attn_implementation("sdpa")
+    for module in model.modules():
+        if hasattr(module, ENABLED_ATTR):
+            delattr(module, ENABLED_ATTR)

@@ -1,0 +1,173 @@
+"""Everything a run needs before its first step: data and token ids, the forward, the reference
+log-probs, the collapse guard."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from preftune import data as data_mod
+from preftune import report
+from preftune.batching import collate_padded
+from preftune.config import TrainConfig
+from preftune.errors import PreftuneError
+from preftune.forward import PairForward, forward_fast, forward_padded
+from preftune.guard import CollapseGuard
+from preftune.memory.precision import autocast_dtype, precision_name
+from preftune.modeling import Reference, preftune_home
+from preftune.refcache import RefLogps, fingerprint_reference, load_or_compute
+from preftune.templates import TokenizeStats, tokenize_pairs
+from preftune.types import PreferencePair, TokenizedPair
+
+Forward = Callable[[nn.Module, list[TokenizedPair]], PairForward]
+RefSource = Callable[[list[int], list[TokenizedPair]], RefLogps | None]  # (pair indices, pairs) -> reference
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class PreparedData:
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair]
+    stats: dict[str, Any]
+    eval_pairs: list[PreferencePair]  # untokenized, for the final report
+
+
+def run_generate_step(cfg: TrainConfig) -> None:
+    """A recipe's `generate:` line builds train_file when it does not exist yet."""
+    step = cfg.data.generate
+    if not step or cfg.data.train_file is None or Path(cfg.data.train_file).exists():
+        return
+    args = shlex.split(step) if isinstance(step, str) else [str(a) for a in step]
+    report.console.print(f"{cfg.data.train_file} does not exist yet: preftune generate {shlex.join(args)}")
+    cmd = [sys.executable, "-m", "preftune.cli", "generate", *args]
+    if subprocess.run(cmd, cwd=cfg.base_dir or None).returncode != 0:
+        raise PreftuneError(f"the generate step failed: preftune generate {shlex.join(args)}")
+    if not Path(cfg.data.train_file).exists():
+        raise PreftuneError(f"the generate step did not write train_file {cfg.data.train_file}")
+
+
+def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
+    d = cfg.data
+    if d.dataset is not None:
+        train_pairs = data_mod.load_llamafactory(d.dataset, d.dataset_dir)
+    else:
+        train_pairs = data_mod.load_pairs(d.train_file, d.format)
+    if d.max_samples is not None:
+        train_pairs = train_pairs[: d.max_samples]
+    eval_pairs = []
+    if d.eval_file is not None:
+        eval_pairs = data_mod.load_pairs(d.eval_file, d.format)
+    elif d.eval_split > 0:
+        train_pairs, eval_pairs = data_mod.split_eval(train_pairs, d.eval_split, cfg.training.seed)
+
+    kwargs = dict(system_prompt=d.system_prompt, max_length=d.max_length, max_prompt_length=d.max_prompt_length)
+    train, train_stats = tokenize_pairs(train_pairs, tokenizer, **kwargs)
+    evals, eval_stats = tokenize_pairs(eval_pairs, tokenizer, **kwargs) if eval_pairs else ([], TokenizeStats())
+    if not train:
+        raise PreftuneError(
+            f"no usable training pairs: {train_stats.total} loaded, {train_stats.dropped_truncated} dropped by "
+            f"truncation (max_length={d.max_length}), {train_stats.dropped_identical} with chosen == rejected"
+        )
+    stats = {"train": vars(train_stats), "eval": vars(eval_stats)}
+    return PreparedData(train, evals, stats, eval_pairs)
+
+
+# ---------------------------------------------------------------- forward
+
+
+def make_forward(cfg: TrainConfig, pad_id: int, device: torch.device) -> Forward:
+    """The fast path (shared prompt, packed rows, chunked LM head) or the simple padded one."""
+    if cfg.training.fast_path:
+        rows, multiple = cfg.training.max_tokens_per_row, row_length_multiple(cfg, device)
+        return lambda model, pairs: forward_fast(
+            model, pairs, pad_token_id=pad_id, max_tokens_per_row=rows, row_length_multiple=multiple
+        )
+    return lambda model, pairs: forward_padded(model, collate_padded(pairs, pad_id).to(device))
+
+
+def row_length_multiple(cfg: TrainConfig, device: torch.device) -> int:
+    """The configured multiple, else 8 under low-precision autocast on CPU (whose bf16 attention
+    backward keeps ~5 MB of kernels per row length it meets) and 1 elsewhere (padding for nothing)."""
+    if cfg.training.row_length_multiple is not None:
+        return cfg.training.row_length_multiple
+    return 8 if device.type == "cpu" and autocast_dtype(cfg) is not None else 1
+
+
+# ---------------------------------------------------------------- reference
+
+
+def precomputes_reference(cfg: TrainConfig, needs_reference: bool) -> bool:
+    """Reference log-probs computed once before training (the default where a loss needs them)."""
+    precompute = cfg.training.precompute_ref_log_probs
+    return precompute if precompute is not None else needs_reference
+
+
+@dataclass
+class ReferenceLogps:
+    train: RefLogps | None = None  # cached log-probs of every training pair, or None: see ``mode``
+    eval: RefLogps | None = None
+    seconds: float = 0.0  # computing (or loading) the cached ones
+    mode: str = "none"  # for the summary: "none", "on the fly" or "cached (...)"
+
+
+def precompute_reference_logps(cfg: TrainConfig, reference: Reference | None, prepared: PreparedData,
+                               forward: Forward, autocast, precompute: bool) -> ReferenceLogps:  # fmt: skip
+    """Reference log-probs once, cached on disk, instead of a reference forward every step."""
+    if reference is None:
+        return ReferenceLogps()
+    if not precompute:
+        return ReferenceLogps(mode="on the fly")
+    started = time.time()
+    cache_kwargs = dict(
+        forward=forward, batch_size=cfg.training.per_device_eval_batch_size, autocast=autocast,
+        precision=precision_name(cfg), cache_dir=preftune_home() / "ref_logps",
+        reference_fingerprint=fingerprint_reference(reference.model),
+    )  # fmt: skip
+    cached_train, hit = load_or_compute(reference, prepared.train, **cache_kwargs)
+    cached_eval = None
+    if prepared.eval:
+        cached_eval, _ = load_or_compute(reference, prepared.eval, **cache_kwargs)
+    seconds = time.time() - started
+    mode = f"cached ({'reused' if hit else 'computed'} in {seconds:.1f}s)"
+    return ReferenceLogps(cached_train, cached_eval, seconds, mode)
+
+
+def reference_source(reference: Reference | None, cached: RefLogps | None, forward: Forward, autocast,
+                     device: torch.device) -> RefSource:  # fmt: skip
+    """Where the reference log-probs of a batch come from: the cache, a forward, or nowhere."""
+    if cached is not None:
+        return lambda indices, pairs: cached.select(indices).to(device)
+    if reference is None:
+        return lambda indices, pairs: None
+
+    def on_the_fly(indices: list[int], pairs: list[TokenizedPair]) -> RefLogps:
+        with torch.no_grad(), reference.context(), autocast():
+            out = forward(reference.model, pairs)
+        return RefLogps(out.chosen.logps, out.rejected.logps)
+
+    return on_the_fly
+
+
+# ---------------------------------------------------------------- collapse guard
+
+
+def build_guard(cfg: TrainConfig, model: nn.Module, tokenizer, eval_prompts: list, retain_prompts: list,
+                autocast) -> CollapseGuard:  # fmt: skip
+    """The collapse guard; its "healthy" snapshot starts from the weights training continues from."""
+    t = cfg.training
+    return CollapseGuard(
+        model, tokenizer, eval_prompts[: t.guard_prompts], max_logp_drop=t.collapse_max_logp_drop,
+        system_prompt=cfg.data.system_prompt, max_new_tokens=t.guard_max_new_tokens,
+        keep_healthy=t.stop_on_collapse, retain_prompts=retain_prompts, max_retain_drop=t.collapse_max_retain_drop,
+        autocast=autocast,
+    )  # fmt: skip
