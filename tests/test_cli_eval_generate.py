@@ -7,21 +7,7 @@ import sys
 import pytest
 import yaml
 
-from preftune import cli
-
-
-
-
-def run_main(monkeypatch, capsys, *args):
-    """Run the console-script entry point in-process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["preftune", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
+from tiny import run_main
 
 
 def assert_one_line_error(code, err, *needles):

@@ -37,7 +37,8 @@ def test_every_field_has_a_doc():
         ({"lr_scheduler_type": "cosin"}, "did you mean 'cosine'?"),
         ({"finetuning_type": "qlora"}, "'finetuning_type' is 'qlora'"),
         ({"eval_split": 1.5}, "'eval_split' must be in [0, 1)"),
-        ({"bf16": "yes"}, "'bf16' must be true or false"),
+        ({"bf16": "yes"}, "'bf16' must be true, false or auto, got 'yes'"),
+        ({"fp16": "on"}, "'fp16' must be true, false or auto, got 'on'"),
         ({"per_device_train_batch_size": 2.5}, "must be an integer"),
         ({"bf16": True, "fp16": True}, "at most one of 'bf16' and 'fp16'"),
         ({"max_prompt_length": 2048}, "must be smaller than 'max_length'"),
@@ -71,6 +72,7 @@ def test_overrides_are_yaml_values():
     cfg = load_config(BASE, ["beta=0.3", "loss_type=[sigmoid, sft]", "loss_weights=[1, 0.5]", "bf16=true"])
     assert cfg.loss.beta == 0.3 and cfg.loss_types == ["sigmoid", "sft"] and cfg.loss.loss_weights == [1.0, 0.5]
     assert cfg.training.bf16 is True
+    assert load_config(BASE).training.bf16 == "auto" and load_config(BASE, ["bf16=auto"]).training.bf16 == "auto"
     with pytest.raises(PreftuneError, match="key=value"):
         load_config(BASE, ["beta"])
 

@@ -97,3 +97,44 @@ def test_auto_on_cuda_follows_the_gpu(monkeypatch, supported):
 def test_matmul_probe_measures_something():
     assert matmul_gflops(torch.float32, n=64, repeats=1) > 0
     assert bf16_slowdown() > 0
+
+
+def tiny_run(model_dir, tmp_path, **extra):
+    import json
+
+    from preftune import train
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": " yes.", "rejected": " no."}) + "\n"
+                             for i in range(4)))  # fmt: skip
+    out = tmp_path / "run"
+    return train({"model_name_or_path": model_dir, "train_file": str(pairs), "max_steps": 1, "progress": False,
+                  "output_dir": str(out), **extra})  # fmt: skip
+
+
+@pytest.mark.parametrize("cpu", [AVX2_EPYC, ZEN4_EPYC], ids=["avx2", "avx512-bf16"])
+def test_a_run_says_which_precision_auto_chose_and_records_the_cpu(tiny_model_dir, tmp_path, monkeypatch, capsys, cpu):
+    """bf16: auto (the default) trains in fp32 on a CPU without native bf16 and in bf16 with it;
+    the run's first lines say so and why, summary.json records the choice and the CPU."""
+    monkeypatch.setattr("preftune.hardware.cpu_info", lambda *a: cpu)
+    monkeypatch.setattr("preftune.hardware.bf16_slowdown", never)
+    summary = tiny_run(tiny_model_dir, tmp_path)
+    expected = "bf16" if cpu.native_bf16 else "fp32"
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("data: ") and lines[1].startswith(f"precision: {expected} (bf16: auto, and the CPU")
+    record = summary["precision"]
+    assert record["name"] == expected and record["warning"] is None and "bf16: auto" in record["reason"]
+    assert record["cpu"]["model"] == cpu.model and record["cpu"]["flags"] == " ".join(sorted(cpu.flags))
+    assert record["cpu"]["native_bf16"] is cpu.native_bf16
+    assert "torch" in summary["versions"] and "transformers" in summary["versions"]
+
+
+def test_a_run_with_bf16_true_on_a_cpu_without_it_warns(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("preftune.hardware.cpu_info", lambda *a: AVX2_EPYC)
+    monkeypatch.setattr("preftune.hardware.bf16_slowdown", lambda: 117.6)
+    summary = tiny_run(tiny_model_dir, tmp_path, bf16=True)
+    err = capsys.readouterr().err
+    assert "precision: bf16 (bf16: true)" in err
+    warning = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "118x slower than fp32" in warning[0] and "AMD EPYC 7B13" in warning[0]
+    assert summary["precision"]["name"] == "bf16" and "118x slower" in summary["precision"]["warning"]

@@ -332,18 +332,9 @@ def test_shipped_data_has_no_single_word_giveaway():
 
 def _run_generate_template(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """``preftune generate template ARGS`` in-process; returns (exit code, stdout, stderr)."""
-    import sys
+    from tiny import run_main
 
-    from preftune import cli
-
-    monkeypatch.setattr(sys, "argv", ["preftune", "generate", "template", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(monkeypatch, capsys, "generate", "template", *args)
 
 
 def test_command_line(tmp_path, monkeypatch, capsys):

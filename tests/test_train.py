@@ -33,6 +33,7 @@ def base_config(model_dir, tmp_path, **extra):
         "max_length": 64,
         "progress": False,
         "seed": 3,
+        "bf16": False,  # the numbers below are fp32's, whatever bf16=auto would pick on this CPU
         **extra,
     }
 
@@ -225,11 +226,13 @@ def test_row_length_multiple_default_follows_precision_and_device():
     attention backward keeps kernels per row length); a configured value always wins; 0 is an error."""
     from preftune.config import load_config
     from preftune.errors import PreftuneError
+    from preftune.hardware import CpuInfo
+    from preftune.memory import resolve_precision
     from preftune.training import row_length_multiple
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     base = {"train_file": "x.jsonl"}
-    assert row_length_multiple(load_config(base), cpu) == 1
+    assert row_length_multiple(load_config(base, ["bf16=false"]), cpu) == 1
     assert row_length_multiple(load_config(base, ["bf16=true"]), cpu) == 8
     assert row_length_multiple(load_config(base, ["fp16=true"]), cpu) == 8
     assert row_length_multiple(load_config(base, ["bf16=true"]), cuda) == 1
@@ -237,6 +240,12 @@ def test_row_length_multiple_default_follows_precision_and_device():
     assert row_length_multiple(load_config(base, ["row_length_multiple=16"]), cuda) == 16
     with pytest.raises(PreftuneError, match="row_length_multiple"):
         load_config(base, ["row_length_multiple=0"])
+    # bf16=auto (the default) follows the CPU: native bf16 -> bf16 autocast -> 8; without -> fp32 -> 1
+    avx2, amx = CpuInfo("AVX2 CPU", frozenset({"avx2"})), CpuInfo("AMX CPU", frozenset({"avx2", "amx_bf16"}))
+    assert row_length_multiple(resolve_precision(load_config(base), cpu, avx2)[0], cpu) == 1
+    assert row_length_multiple(resolve_precision(load_config(base), cpu, amx)[0], cpu) == 8
+    with pytest.raises(ValueError, match="resolve_precision"):
+        row_length_multiple(load_config(base), cpu)  # "auto" is never read as a truthy string
 
 
 @pytest.mark.parametrize("in_features,out_features", [(576, 1536), (1536, 576)])

@@ -81,6 +81,7 @@ def run_preftune(model_dir, tmp_path, fast_path=True):
             "progress": False,
             "seed": 0,
             "fast_path": fast_path,
+            "bf16": False,  # as TRL's run above
             # TRL computes the reference on the fly; so do we here (at step 1 policy == reference exactly)
             "precompute_ref_log_probs": False,
         }

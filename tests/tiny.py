@@ -84,3 +84,19 @@ def save_tiny(path, chat_template: bool = True, hidden_size: int = 32, seed: int
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run the console-script entry point in-process; returns (exit code, stdout, stderr)."""
+    import sys
+
+    from preftune import cli
+
+    monkeypatch.setattr(sys, "argv", ["preftune", *map(str, args)])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from rich.markup import escape
 
 from preftune.config import describe_keys
 from preftune.errors import PreftuneError
+from preftune.util import onednn_cache_capacity
 
 app = typer.Typer(
     help="Preference tuning (DPO and relatives): correct, fast, honest about results.",
@@ -238,26 +238,18 @@ def generate_template_cmd(
         typer.echo(f"warning: {problem}", err=True)
 
 
-# oneDNN (torch's CPU matmuls) caches one compiled kernel per matmul shape, 1024 by default, and
-# packed rows bring new shapes every step: over 24 steps of SmolLM2-135M full fine-tuning the heap
-# grew 237 MB with 1024 and 138 MB with 128, in the same time. Read once, at the first matmul.
-_ONEDNN_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
-
-
 def main() -> None:
-    added = _ONEDNN_CACHE not in os.environ
-    os.environ.setdefault(_ONEDNN_CACHE, "128")  # the user's own setting wins
-    try:
-        app()
-    except PreftuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:  # an in-process caller (tests) gets its environment back
-        if added:
-            os.environ.pop(_ONEDNN_CACHE, None)
+    # the oneDNN kernel cache cap (see util.onednn_cache_capacity) is read at torch's first matmul,
+    # so it is set here, before any command runs; an in-process caller gets its environment back
+    with onednn_cache_capacity():
+        try:
+            app()
+        except PreftuneError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
 
 
 if __name__ == "__main__":

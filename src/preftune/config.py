@@ -129,8 +129,13 @@ class TrainingConfig:
     max_grad_norm: float = doc("Clip the global gradient norm to this (0 disables).", 1.0)
     num_train_epochs: float = doc("Passes over the training pairs (fractions allowed).", 1.0)
     max_steps: int = doc("Optimizer steps to run; overrides num_train_epochs when > 0.", -1)
-    bf16: bool = doc("bfloat16 autocast with float32 master weights (CPU or GPU).", False)
-    fp16: bool = doc("float16 autocast with float32 master weights and loss scaling (GPU).", False)
+    bf16: bool | str = doc(
+        "bfloat16 autocast with float32 master weights. auto: on a GPU that supports it, and on a CPU only with "
+        "native bf16 matmuls (AVX-512 BF16 or AMX; elsewhere bf16 runs many times slower than fp32).", "auto"
+    )
+    fp16: bool | str = doc(
+        "float16 autocast with float32 master weights and loss scaling (GPU). auto: never chosen on its own.", "auto"
+    )
     seed: int = doc("Seed for initialization, data order and dropout: same seed, same metrics.", 42)
     logging_steps: int = doc("Log metrics every N optimizer steps.", 10)
     eval_steps: int | None = doc("Evaluate every N optimizer steps (always once at the end when eval data exists).", None)
@@ -373,7 +378,10 @@ def _validate(cfg: TrainConfig, where: str | None) -> None:
             f"({flat['max_length']}) to leave room for the completions",
             where,
         )
-    if flat["bf16"] and flat["fp16"]:
+    for key in ("bf16", "fp16"):
+        if isinstance(flat[key], str) and flat[key] != "auto":
+            raise PreftuneError(f"'{key}' must be true, false or auto, got {flat[key]!r}", where)
+    if flat["bf16"] is True and flat["fp16"] is True:
         raise PreftuneError("set at most one of 'bf16' and 'fp16'", where)
     if flat["num_train_epochs"] == 0 and flat["max_steps"] <= 0:
         raise PreftuneError("set 'num_train_epochs' > 0 or 'max_steps' > 0", where)

@@ -57,8 +57,9 @@ def cpu_info(path: str = "/proc/cpuinfo") -> CpuInfo:
 
 def matmul_gflops(dtype: torch.dtype, n: int = 256, repeats: int = 3) -> float:
     """GFLOP/s of an n x n matmul in ``dtype`` on the CPU (best of ``repeats``; milliseconds)."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+    generator = torch.Generator().manual_seed(0)  # not the global RNG: the run's seeding stays as it is
+    a = torch.randn(n, n, generator=generator).to(dtype)
+    b = torch.randn(n, n, generator=generator).to(dtype)
     torch.mm(a, b)  # first call: kernel selection
     best = float("inf")
     for _ in range(repeats):
@@ -88,7 +89,7 @@ class Precision:
 
 
 def choose_precision(bf16: bool | str, fp16: bool | str, device: torch.device, cpu: CpuInfo | None = None,
-                     slowdown=bf16_slowdown) -> Precision:  # fmt: skip
+                     slowdown=None) -> Precision:  # fmt: skip
     """Resolve ``bf16`` / ``fp16`` (True, False or "auto") for ``device``.
 
     auto: on CUDA, bf16 where the GPU supports it (fp16 is never chosen for the user: it needs
@@ -117,7 +118,7 @@ def choose_precision(bf16: bool | str, fp16: bool | str, device: torch.device, c
     if bf16 is True:
         if cpu.native_bf16:
             return Precision(True, False, "bf16: true")
-        times = slowdown()
+        times = (slowdown or bf16_slowdown)()
         warning = (f"bf16: true on a CPU without native bf16 ({cpu.model}): bf16 matmuls measured {times:.0f}x "
                    "slower than fp32 here; bf16=auto (or false) trains in fp32")  # fmt: skip
         return Precision(True, False, "bf16: true", warning)

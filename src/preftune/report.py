@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
 import preftune
+from preftune import hardware
 from preftune.util import atomic_write, atomic_write_text
 
 console = Console(stderr=True)
@@ -104,7 +106,21 @@ def print_data_stats(stats: dict[str, dict[str, int]]) -> None:
     )
     if ev["total"]:
         line += f"; {ev['kept']} eval pairs of {ev['total']}"
-    console.print(line, highlight=False)
+    console.print(line, highlight=False, soft_wrap=True)
+
+
+def print_precision(precision) -> None:
+    """The run's first line: which precision it computes in and why; a warning when that is slow here."""
+    console.print(f"precision: {precision.name} ({precision.reason})", highlight=False, markup=False, soft_wrap=True)
+    if precision.warning:
+        console.print(f"[yellow]warning:[/yellow] {escape(precision.warning)}", highlight=False, soft_wrap=True)
+
+
+def precision_record(precision) -> dict[str, Any]:
+    """summary.json's account of the precision decision and the CPU it was made on."""
+    cpu = hardware.cpu_info()
+    return {"name": precision.name, "reason": precision.reason, "warning": precision.warning,
+            "cpu": {"model": cpu.model, "native_bf16": cpu.native_bf16, "flags": " ".join(sorted(cpu.flags))}}
 
 
 def versions() -> dict[str, str]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import difflib
 import os
 import shutil
+import socket
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -13,10 +15,34 @@ if TYPE_CHECKING:
     import torch
 
 
-
 def temporary_sibling(path: Path, suffix: str = ".tmp") -> Path:
-    """A hidden name next to ``path`` that no other writer (thread, process) uses."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
+    """A hidden name next to ``path`` that no other writer (thread, process, host) uses; it names
+    its writer's host and pid so that a later writer can remove what a killed one left."""
+    return path.with_name(f".{path.name}.{_writer()}.{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def _writer() -> str:
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_siblings(path: Path) -> None:
+    """Remove the temporary siblings of ``path`` that a killed writer on this host left behind
+    (a crash mid-write of final/ or a checkpoint leaves a full copy of the weights otherwise)."""
+    host = socket.gethostname().replace(".", "_")
+    for leftover in path.parent.glob(f".{path.name}.{host}-*"):
+        pid = leftover.name[len(f".{path.name}.{host}-"):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any], suffix: str = ".tmp") -> None:
@@ -24,6 +50,7 @@ def atomic_write(path: Path, write: Callable[[Path], Any], suffix: str = ".tmp")
     place: a reader sees the old file or the new one, never half of one. ``suffix`` keeps the file
     extension a writer may need (matplotlib picks the format from it)."""
     path = Path(path)
+    remove_stale_siblings(path)
     tmp = temporary_sibling(path, suffix)
     try:
         write(tmp)
@@ -39,9 +66,10 @@ def atomic_write_text(path: Path, text: str, encoding: str = "utf-8") -> None:
 
 def atomic_dir(target: Path, write: Callable[[Path], Any]) -> None:
     """Fill a directory through ``write(tmp_dir)`` under a unique temporary name and rename it into
-    place (an existing ``target`` is moved aside first, then removed): a crash never leaves a
-    half-written ``target``."""
+    place (an existing ``target`` is moved aside first, and removed once the new one is in place):
+    a crash never leaves a half-written ``target``, and a failed swap puts the old one back."""
     target = Path(target)
+    remove_stale_siblings(target)
     tmp = temporary_sibling(target)
     old = temporary_sibling(target, ".old")
     tmp.mkdir(parents=True)
@@ -49,11 +77,53 @@ def atomic_dir(target: Path, write: Callable[[Path], Any]) -> None:
         write(tmp)
         if target.exists():
             target.rename(old)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except BaseException:
+            if old.exists() and not target.exists():
+                old.rename(target)
+            raise
+        if old.exists():
+            shutil.rmtree(old)
     finally:
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+ONEDNN_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
+
+@contextmanager
+def onednn_cache_capacity(capacity: str = "128"):
+    """oneDNN (torch's CPU matmuls) caches a compiled kernel for every matmul shape it meets, up to
+    1024 of them, and packed rows bring new shapes every step: over 24 steps of SmolLM2-135M full
+    fine-tuning the heap grew 237 MB with 1024 and 138 MB with 128, in the same time. Read when
+    torch runs its first CPU matmul; the user's own setting wins, and the caller's environment is
+    put back afterwards."""
+    previous = os.environ.get(ONEDNN_CACHE)
+    os.environ.setdefault(ONEDNN_CACHE, capacity)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ONEDNN_CACHE, None)
+        else:
+            os.environ[ONEDNN_CACHE] = previous
+
+
+def type_name(value: Any, mapping: str = "object") -> str:
+    """A user-facing name of a parsed JSON/YAML value's type ("got a list"); ``mapping`` names a dict."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, dict):
+        return mapping
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return type(value).__name__
 
 
 def closest(word: str, options: Iterable[str], cutoff: float = 0.6) -> str | None:

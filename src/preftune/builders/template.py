@@ -94,7 +94,7 @@ import yaml
 
 from preftune.builders.giveaways import NEGATION_WORDS, check_giveaways, giveaway_words
 from preftune.errors import PreftuneError
-from preftune.util import atomic_write_text, did_you_mean
+from preftune.util import atomic_write_text, did_you_mean, type_name
 
 __all__ = [
     "Claim",
@@ -150,17 +150,7 @@ class TemplateSpec:
 
 
 def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, dict):
-        return "mapping"
-    if isinstance(value, (list, tuple)):
-        return "list"
-    return type(value).__name__
+    return type_name(value, mapping="mapping")
 
 
 def _check_keys(mapping: dict, allowed: tuple[str, ...], what: str, where: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from preftune.errors import PreftuneError
+from preftune.util import type_name  # noqa: F401  (the data modules' type names)
 
 
 def one_line(text: str) -> str:
@@ -13,20 +14,6 @@ def one_line(text: str) -> str:
 
 def data_error(message: str, where: str | None) -> PreftuneError:
     return PreftuneError(one_line(message), where)
-
-
-def type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, dict):
-        return "object"
-    if isinstance(value, (list, tuple)):
-        return "list"
-    return type(value).__name__
 
 
 def first_line(exc: BaseException) -> str:

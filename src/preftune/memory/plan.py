@@ -51,8 +51,17 @@ class MemoryPlan:
 
         ``precompute_reference``: the reference log-probs are computed once before training, so a
         frozen reference copy only serves that and may be compacted too."""
-        t = cfg.training
         plan = cls()
+        try:
+            plan._apply(cfg, model, reference, device, precompute_reference)
+        except BaseException:
+            plan.close()  # a half-applied plan takes off what it had put on
+            raise
+        return plan
+
+    def _apply(self, cfg: TrainConfig, model: nn.Module, reference: Reference | None, device: torch.device,
+               precompute_reference: bool) -> None:  # fmt: skip
+        t, plan = cfg.training, self
         amp_dtype = autocast_dtype(cfg)
         frozen = reference.frozen if reference is not None else None
         if t.short_row_attention and t.fast_path and device.type == "cpu" and amp_dtype == torch.bfloat16:
@@ -64,10 +73,9 @@ class MemoryPlan:
             plan.compacted = compact_frozen_linears(model, amp_dtype)
         if compact and frozen is not None and precompute_reference:
             compact_frozen_linears(frozen, amp_dtype)  # dropped after the precompute: never restored
-        if t.bf16_weight_grads and t.bf16 and cfg.model.finetuning_type == "full":
+        if t.bf16_weight_grads and amp_dtype == torch.bfloat16 and cfg.model.finetuning_type == "full":
             plan.bf16_grads = Bf16WeightGrads(model)
             plan._holding_grads = True
-        return plan
 
     def _enable_short_rows(self, model: nn.Module) -> int:
         self._attention_models.append(weakref.ref(model))

@@ -9,10 +9,9 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,10 @@ from preftune import losses, report
 from preftune.config import TrainConfig, load_config
 from preftune.generation import load_prompts
 from preftune.guard import CollapseGuard
-from preftune.memory import MemoryPlan, make_autocast, peak_gpu_mb, peak_rss_mb
+from preftune.memory import MemoryPlan, make_autocast, peak_gpu_mb, peak_rss_mb, resolve_precision
 from preftune.modeling import build_policy_and_reference, load_tokenizer, resolve_device, resolve_model_path, save_final
 from preftune.training.finish import final_report
+from preftune.util import onednn_cache_capacity
 from preftune.training.metrics import StepMetrics, evaluate, loss_params, pair_logps, sequence_tokens
 from preftune.training.prepare import (
     build_guard, make_forward, precompute_reference_logps, precomputes_reference, prepare_data, reference_source,
@@ -45,11 +45,12 @@ def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, 
 
 
 def run_training(cfg: TrainConfig, cleanup: ExitStack) -> dict[str, Any]:
-    t = cfg.training
     started = time.time()
+    device = resolve_device(cfg.training.device)
+    cfg, precision = resolve_precision(cfg, device)  # bf16/fp16 "auto" -> what this hardware runs fast
+    t = cfg.training
     random.seed(t.seed)
     torch.manual_seed(t.seed)
-    device = resolve_device(t.device)
 
     # 1. data (all user mistakes surface here, before anything is written)
     out = check_output_dir(cfg)
@@ -61,6 +62,7 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack) -> dict[str, Any]:
     eval_prompts = load_prompts(cfg.data.eval_prompts) if cfg.data.eval_prompts else []
     retain_prompts = load_prompts(cfg.data.retain_prompts) if cfg.data.retain_prompts else []
     report.print_data_stats(prepared.stats)
+    report.print_precision(precision)
 
     # 2. policy + reference, optimizer, memory plan, reference log-probs
     need_ref = losses.needs_reference(cfg.loss_types)
@@ -71,7 +73,7 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack) -> dict[str, Any]:
     schedule, steps_per_epoch = build_schedule(len(prepared.train), cfg)
     total_steps = len(schedule)
     scheduler = make_scheduler(optimizer, t, total_steps)
-    scaler = torch.amp.GradScaler(device.type) if t.fp16 else None
+    scaler = torch.amp.GradScaler(device.type) if t.fp16 is True else None  # resolved: a bool
     autocast = make_autocast(cfg, device)
     forward = make_forward(cfg, tokenizer.pad_token_id, device)
     precompute = precomputes_reference(cfg, need_ref)
@@ -168,6 +170,7 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack) -> dict[str, Any]:
         tokens_seen=tokens_seen, peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device),
         total_steps=last_step, device=str(device), reference_mode=ref_logps.mode,
     )  # fmt: skip
+    summary["precision"] = report.precision_record(precision)
     summary["reference_seconds"] = round(ref_logps.seconds, 2)
     summary.update(plan.summary())  # what the memory plan did
     summary["stopped_early"] = stopped
@@ -192,23 +195,3 @@ def check_guard(guard: CollapseGuard, step: int, stop_on_collapse: bool, log_his
     kept = guard.restore_healthy()
     progress.warn(f"stop_on_collapse: stopped; final/ holds the weights of step {kept}")
     return {"step": step, "reasons": verdict.reasons, "kept_step": kept}
-
-
-ONEDNN_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
-
-
-@contextmanager
-def onednn_cache_capacity():
-    """oneDNN (torch's CPU matmuls) caches a compiled kernel for every matmul shape it meets, up to
-    1024 of them, and packed rows bring new shapes every step: over 24 steps of SmolLM2-135M full
-    fine-tuning the heap grew 237 MB with 1024 and 138 MB with 128, in the same time. Read when
-    torch runs its first CPU matmul; the user's own setting wins, and it is put back afterwards."""
-    previous = os.environ.get(ONEDNN_CACHE)
-    os.environ.setdefault(ONEDNN_CACHE, "128")
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(ONEDNN_CACHE, None)
-        else:
-            os.environ[ONEDNN_CACHE] = previous
