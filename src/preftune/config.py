@@ -159,6 +159,12 @@ class TrainingConfig:
         "stay the same.",
         None,
     )
+    fused_swiglu: bool = doc(
+        "Llama-family MLPs (silu(gate) * up) recompute silu(gate) in backward instead of keeping it (preftune's "
+        "SwiGLU; without gradient checkpointing): on SmolLM2-135M 6 KB less per token and layer in fp32; the same "
+        "numbers bit for bit.",
+        True,
+    )
     short_row_attention: bool = doc(
         "CPU training under bf16 autocast: packed rows of up to 256 tokens take preftune's attention, which keeps "
         "the bf16 attention probabilities for backward (H x L x 2 bytes per token and layer) instead of torch's "

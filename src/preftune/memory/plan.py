@@ -8,6 +8,8 @@ compact frozen        under autocast: frozen fp32 Linear weights held in the aut
                       (LoRA's base layers; a full fine-tuning reference that only serves the
                       precompute), put back in fp32 before the final report and final/
 bf16 weight grads     full fine-tuning under bf16: Linear weight gradients held in bf16
+fused SwiGLU          no gradient checkpointing: the policy's Llama-family MLPs recompute silu(gate)
+                      in backward instead of keeping it (kernels/swiglu.py)
 heap trimming         glibc's freed heap handed back after setup and when the RSS creeps up
 
 Set elsewhere, as they belong to other objects: the autocast and its saved-tensor hooks
@@ -27,6 +29,7 @@ from torch import nn
 
 from preftune.config import TrainConfig
 from preftune.kernels.short_row_attention import disable_short_row_attention, enable_short_row_attention
+from preftune.kernels.swiglu import disable_swiglu, enable_swiglu
 from preftune.memory.bf16_grads import Bf16WeightGrads
 from preftune.memory.compaction import compact_frozen_linears, restore_frozen_linears
 from preftune.memory.heap import HeapTrimmer, peak_rss_mb, return_free_memory
@@ -42,6 +45,7 @@ class MemoryPlan:
     trimmer: HeapTrimmer = field(default_factory=HeapTrimmer)
     train_peak_rss_mb: float | None = None  # loading, reference and training; set by finish_training
     _attention_models: list[weakref.ref] = field(default_factory=list)
+    swiglu_mlps: list[nn.Module] = field(default_factory=list)
     _holding_grads: bool = False
 
     @classmethod
@@ -73,6 +77,8 @@ class MemoryPlan:
             plan.compacted = compact_frozen_linears(model, amp_dtype)
         if compact and frozen is not None and precompute_reference:
             compact_frozen_linears(frozen, amp_dtype)  # dropped after the precompute: never restored
+        if t.fused_swiglu and not cfg.model.gradient_checkpointing:
+            plan.swiglu_mlps = enable_swiglu(model)
         if t.bf16_weight_grads and amp_dtype == torch.bfloat16 and cfg.model.finetuning_type == "full":
             plan.bf16_grads = Bf16WeightGrads(model)
             plan._holding_grads = True
@@ -104,6 +110,7 @@ class MemoryPlan:
             out["train_peak_rss_mb"] = round(self.train_peak_rss_mb, 1)
         out["heap_trims"] = self.trimmer.trims
         out["short_row_attention_layers"] = self.short_row_layers
+        out["fused_swiglu_layers"] = len(self.swiglu_mlps)
         if self.bf16_grads is not None:
             held = self.bf16_grads
             out["bf16_weight_grads"] = {"weights": len(held.handles), "kept_fp32": len(held.fp32_only),
@@ -113,6 +120,8 @@ class MemoryPlan:
     def close(self) -> None:
         """Take off what is still on (hooks, forward replacements, the attention implementation)."""
         self._stop_holding_grads()
+        disable_swiglu(self.swiglu_mlps)
+        self.swiglu_mlps = []
         for ref in self._attention_models:
             model = ref()
             if model is not None:
