@@ -114,6 +114,34 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path, finetuning_type):
     close_rows(rows(straight), resumed, TRAIN_KEYS, tol=1e-6)
 
 
+class _Payload:
+    def __reduce__(self):  # what a crafted checkpoint would hold: a call run by pickle on load
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(_Payload.marker),))
+
+
+def test_resume_never_runs_code_from_a_checkpoint(tiny_model_dir, tmp_path):
+    """training_state.pt is loaded weights-only: a crafted pickle is refused with one line and its
+    payload does not run; a truncated file is refused the same way."""
+    out = tmp_path / "run"
+    common = dict(max_steps=2, per_device_train_batch_size=2, save_steps=1)
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), **common))
+    ckpt = out / "checkpoints" / "step-1"
+    state = torch.load(ckpt / "training_state.pt", weights_only=True)  # what we write loads weights-only
+    assert set(state) == {"optimizer", "scheduler", "scaler", "rng"}
+    _Payload.marker = str(tmp_path / "pwned")
+    torch.save({**state, "extra": _Payload()}, ckpt / "training_state.pt")
+    from preftune.errors import PreftuneError
+
+    with pytest.raises(PreftuneError, match="cannot be loaded safely") as err:
+        train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), resume_from_checkpoint=str(ckpt), **common))
+    assert not (tmp_path / "pwned").exists() and "\n" not in str(err.value)
+    (ckpt / "training_state.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(PreftuneError, match="cannot be loaded safely"):
+        train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), resume_from_checkpoint=str(ckpt), **common))
+
+
 def test_save_total_limit_prunes(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=7, per_device_train_batch_size=1,

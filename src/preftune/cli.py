@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from preftune.config import describe_keys
-from preftune.errors import PreftuneError
+from preftune.errors import PreftuneError, RunStopped
 from preftune.util import onednn_cache_capacity
 
 app = typer.Typer(
@@ -246,6 +246,9 @@ def main() -> None:
             app()
         except PreftuneError as e:
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except RunStopped as e:  # a checkpoint of the last finished step is written
+            print(str(e), file=sys.stderr)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

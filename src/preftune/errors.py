@@ -12,3 +12,13 @@ class PreftuneError(Exception):
     def __init__(self, message: str, where: str | None = None):
         self.where = where
         super().__init__(f"{where}: {message}" if where else message)
+
+
+class RunStopped(Exception):
+    """A signal (SIGTERM: a cluster's preemption, SIGINT: Ctrl-C) stopped training after a finished
+    optimizer step whose checkpoint is written. The CLI prints the message and exits 128 + signal."""
+
+    def __init__(self, signal_name: str, signal_number: int, step: int):
+        self.signal_name, self.step = signal_name, step
+        self.exit_code = 128 + signal_number
+        super().__init__(f"stopped by {signal_name} at step {step}; resume with resume_from_checkpoint=true")

@@ -20,11 +20,11 @@ import torch
 from preftune import losses, report
 from preftune.config import TrainConfig, load_config
 from preftune.generation import load_prompts
+from preftune.errors import RunStopped
 from preftune.guard import CollapseGuard
 from preftune.memory import MemoryPlan, make_autocast, peak_gpu_mb, peak_rss_mb, resolve_precision
 from preftune.modeling import build_policy_and_reference, load_tokenizer, resolve_device, resolve_model_path, save_final
 from preftune.training.finish import final_report
-from preftune.util import onednn_cache_capacity
 from preftune.training.metrics import StepMetrics, evaluate, loss_params, pair_logps, sequence_tokens
 from preftune.training.prepare import (
     build_guard, make_forward, precompute_reference_logps, precomputes_reference, prepare_data, reference_source,
@@ -34,6 +34,8 @@ from preftune.training.state import (
     build_schedule, check_output_dir, clip_and_step, find_checkpoint, make_optimizer, make_scheduler,
     prune_checkpoints, restore_checkpoint, save_checkpoint,
 )  # fmt: skip
+from preftune.training.signals import StopSignals
+from preftune.util import onednn_cache_capacity
 
 
 def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, Any]:
@@ -101,7 +103,7 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack) -> dict[str, Any]:
 
     # 3. the loop
     progress = report.Progress(total_steps, start_step, enabled=t.progress)
-    with progress:
+    with progress, StopSignals() as stop:
         for step_index in range(start_step, total_steps):
             step_started = time.time()
             micro_batches = schedule[step_index]
@@ -150,11 +152,14 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack) -> dict[str, Any]:
                 stopped = check_guard(guard, step, t.stop_on_collapse, log_history, guard_warnings, progress)
                 if stopped is not None:
                     break
-            if t.save_steps and step % t.save_steps == 0 and step != total_steps:
+            signal_received = stop.received  # SIGTERM / Ctrl-C during this step: keep it, then stop
+            if (t.save_steps and step % t.save_steps == 0 and step != total_steps) or signal_received:
                 state = {"step": step, "log_history": log_history, "tokens_seen": tokens_seen,
                          "train_seconds": train_seconds}  # fmt: skip
                 save_checkpoint(out / "checkpoints" / f"step-{step}", model, optimizer, scheduler, scaler, state)
                 prune_checkpoints(out, t.save_total_limit)
+            if signal_received:
+                raise RunStopped(signal_received.name, signal_received.value, step)
 
     # 4. final evaluation, model and reports
     last_step = total_steps if stopped is None else stopped["step"]

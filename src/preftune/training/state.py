@@ -119,7 +119,7 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple
     """Weights, optimizer, schedule, scaler and random states as they were at the checkpoint;
     returns (step, log history, tokens seen, training seconds) so far."""
     load_trainable_state(model, load_file(path / "trainable.safetensors"))
-    blob = torch.load(path / "training_state.pt", weights_only=False)
+    blob = load_training_state(path / "training_state.pt")
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob["scaler"] is not None:
@@ -130,6 +130,16 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple
         torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
     state = json.loads((path / "trainer_state.json").read_text())
     return state["step"], state["log_history"], state["tokens_seen"], state["train_seconds"]
+
+
+def load_training_state(file: Path) -> dict[str, Any]:
+    """Optimizer, scheduler, scaler and RNG states, loaded with ``weights_only=True``: tensors and
+    plain containers only, so a checkpoint from someone else cannot run code when resumed."""
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as e:  # a crafted pickle (refused by the weights-only unpickler) or a damaged file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PreftuneError(f"resume_from_checkpoint: {file} cannot be loaded safely ({reason[:200]})") from None
 
 
 def find_checkpoint(cfg: TrainConfig) -> Path | None:
