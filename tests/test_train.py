@@ -142,6 +142,38 @@ def test_resume_never_runs_code_from_a_checkpoint(tiny_model_dir, tmp_path):
         train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), resume_from_checkpoint=str(ckpt), **common))
 
 
+def test_a_non_finite_loss_ends_in_one_line_and_keeps_what_ran(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The loss turns NaN at step 3: exit 1 with one line naming the step and the likely cause (no
+    fp16 hint in fp32), the logs and summary of steps 1-2 written, their checkpoints kept, no final/."""
+    import yaml
+
+    from preftune import losses
+    from tiny import run_main
+
+    real, calls = losses.combined_loss, []
+
+    def nan_at_step_3(*args, **kwargs):
+        calls.append(1)
+        per_pair = real(*args, **kwargs)
+        return per_pair * float("nan") if len(calls) == 3 else per_pair
+
+    monkeypatch.setattr(losses, "combined_loss", nan_at_step_3)
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=6,
+                                                 per_device_train_batch_size=8, save_steps=1)))  # fmt: skip
+    code, _, err = run_main(monkeypatch, capsys, "train", config)
+    lines = [line for line in err.strip().splitlines() if line.startswith("error")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: loss is nan at step 3: training diverged; lower learning_rate")
+    assert "fp16" not in lines[0]
+    assert [r["step"] for r in rows(out)] == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["stopped_early"]["step"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert not (out / "final").exists()
+
+
 def test_save_total_limit_prunes(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=7, per_device_train_batch_size=1,

@@ -22,3 +22,10 @@ class RunStopped(Exception):
         self.signal_name, self.step = signal_name, step
         self.exit_code = 128 + signal_number
         super().__init__(f"stopped by {signal_name} at step {step}; resume with resume_from_checkpoint=true")
+
+
+class TrainingDiverged(PreftuneError):
+    """The loss became NaN or infinite: the logs and summary of the steps before it are written, the
+    last checkpoint is kept, no final/ of broken weights is saved. The CLI prints one line, exit 1."""
+
+    exit_code = 1

@@ -20,7 +20,7 @@ import torch
 from preftune import losses, report
 from preftune.config import TrainConfig, load_config
 from preftune.generation import load_prompts
-from preftune.errors import RunStopped
+from preftune.errors import RunStopped, TrainingDiverged
 from preftune.guard import CollapseGuard
 from preftune.memory import MemoryPlan, make_autocast, peak_gpu_mb, peak_rss_mb, resolve_precision
 from preftune.modeling import build_policy_and_reference, load_tokenizer, resolve_device, resolve_model_path, save_final
@@ -135,9 +135,9 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack) -> dict[str, Any]:
             elapsed = time.time() - step_started
             window.add_step(step_loss, grad_norm, elapsed)
             train_seconds += elapsed
-            if not math.isfinite(step_loss):
-                raise RuntimeError(
-                    f"loss is {step_loss} at step {step}; lower learning_rate or use bf16 instead of fp16")
+            if not math.isfinite(step_loss):  # the weights are broken now: report what ran, keep no final/
+                stopped = {"step": step - 1, "diverged": divergence_message(step_loss, step, cfg)}
+                break
             row = None
             if step % t.logging_steps == 0 or step in (1, total_steps):  # first step: the baseline
                 row = window.log_row(lr, step, steps_per_epoch)
@@ -163,13 +163,15 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack) -> dict[str, Any]:
 
     # 4. final evaluation, model and reports
     last_step = total_steps if stopped is None else stopped["step"]
-    if prepared.eval:
+    diverged = stopped is not None and "diverged" in stopped
+    if prepared.eval and not diverged:
         log_history.append({**evaluate_now(), "epoch": round(last_step / steps_per_epoch, 4), "step": last_step})
         progress.print_eval(log_history[-1])
     plan.finish_training(model, model_path, cfg)  # the report and final/: plain gradients, fp32 as loaded
-    final_report(cfg, model, reference, tokenizer, prepared.eval_pairs, eval_prompts, model_path, device, out)
-    reference = None
-    save_final(model, tokenizer, out, is_lora=cfg.model.finetuning_type == "lora")  # last use: merges in place
+    if not diverged:
+        final_report(cfg, model, reference, tokenizer, prepared.eval_pairs, eval_prompts, model_path, device, out)
+        reference = None
+        save_final(model, tokenizer, out, is_lora=cfg.model.finetuning_type == "lora")  # merges in place
     summary = report.build_summary(
         cfg, log_history, prepared.stats, runtime=time.time() - started, train_seconds=train_seconds,
         tokens_seen=tokens_seen, peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device),
@@ -181,7 +183,20 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack) -> dict[str, Any]:
     summary["stopped_early"] = stopped
     summary["guard_warnings"] = guard_warnings
     report.write_reports(out, log_history, summary)
+    if diverged:
+        raise TrainingDiverged(stopped["diverged"])
     return summary
+
+
+def divergence_message(loss: float, step: int, cfg: TrainConfig) -> str:
+    """One line: where the loss broke, the likely cause, and what is kept."""
+    hint = "lower learning_rate (or max_grad_norm)"
+    if cfg.training.fp16:
+        hint += ", or use bf16 instead of fp16 (fp16 overflows)"
+    out = cfg.training.output_dir
+    return (f"loss is {loss} at step {step}: training diverged; {hint}. {out}/log_history.json and summary.json "
+            f"hold the steps before it, no final/ was written; rerun with overwrite_output_dir=true or resume from "
+            f"a checkpoint")
 
 
 def check_guard(guard: CollapseGuard, step: int, stop_on_collapse: bool, log_history: list, warnings: list,
