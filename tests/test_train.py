@@ -174,6 +174,24 @@ def test_a_non_finite_loss_ends_in_one_line_and_keeps_what_ran(tiny_model_dir, t
     assert not (out / "final").exists()
 
 
+def test_a_second_run_on_a_busy_output_dir_gets_one_line_naming_the_first(tiny_model_dir, tmp_path):
+    """While one run holds output_dir, another one into it stops before writing, naming its pid;
+    once the first is gone (its lock released), the directory is free again."""
+    import os
+
+    from preftune.errors import PreftuneError
+    from preftune.training.state import lock_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with lock_output_dir(out):
+        with pytest.raises(PreftuneError, match=f"is in use by another preftune run \\(pid {os.getpid()}\\)"):
+            train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=1))
+        assert not (out / "config.yaml").exists()
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=1))
+    assert (out / "summary.json").exists()
+
+
 def test_save_total_limit_prunes(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=7, per_device_train_batch_size=1,

@@ -31,8 +31,8 @@ from preftune.training.prepare import (
     run_generate_step,
 )  # fmt: skip
 from preftune.training.state import (
-    build_schedule, check_output_dir, clip_and_step, find_checkpoint, make_optimizer, make_scheduler,
-    prune_checkpoints, restore_checkpoint, save_checkpoint,
+    build_schedule, check_output_dir, clip_and_step, find_checkpoint, lock_output_dir, make_optimizer,
+    make_scheduler, prune_checkpoints, restore_checkpoint, save_checkpoint,
 )  # fmt: skip
 from preftune.training.signals import StopSignals
 from preftune.util import onednn_cache_capacity
@@ -97,6 +97,7 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack) -> dict[str, Any]:
     stopped: dict[str, Any] | None = None
     guard_warnings: list[str] = []
     out.mkdir(parents=True, exist_ok=True)
+    cleanup.enter_context(lock_output_dir(out))  # one run per output_dir at a time
     (out / "config.yaml").write_text(cfg.to_yaml())
     evaluate_now = lambda: evaluate(model, forward, eval_ref, prepared.eval, cfg, autocast)  # noqa: E731
     window = StepMetrics()

@@ -3,10 +3,13 @@ checkpoints (save, find, prune, restore), and the output directory they live in.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,30 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     if out.exists() and not out.is_dir():
         raise PreftuneError(f"output_dir '{out}' exists and is not a directory")
     return out
+
+
+@contextmanager
+def lock_output_dir(out: Path):
+    """Hold ``out/.preftune.lock`` while a run writes into ``out``: a second run on the same directory
+    gets a one-line error naming the first one's pid instead of racing it (flock: released by the
+    kernel when the holder dies, so a killed run leaves no stale lock)."""
+    path = out / ".preftune.lock"
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise PreftuneError(f"output_dir '{out}' is in use by another preftune run (pid {holder}); wait for it "
+                                "or choose another output_dir") from None  # fmt: skip
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing the file releases the lock
 
 
 def build_schedule(num_pairs: int, cfg: TrainConfig) -> tuple[list[list[list[int]]], int]:
