@@ -64,7 +64,7 @@ def test_a_killed_writers_leftovers_are_removed_by_the_next_write(tmp_path):
     the same target removes it, and leaves a live writer's copy alone."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    host = util._writer().rsplit("-", 1)[0]
+    host = util._host()
     stale = tmp_path / f".final.{host}-{dead_pid}.abcd1234.tmp"
     stale.mkdir()
     (stale / "model.safetensors").write_text("weights")

@@ -8,6 +8,7 @@ does it natively.
 
 from __future__ import annotations
 
+import functools
 import platform
 import time
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ class Precision:
     fp16: bool
     reason: str
     warning: str | None = None
+    cpu: CpuInfo = CpuInfo("unknown CPU")  # the host CPU, recorded with the decision (summary.json)
 
     @property
     def name(self) -> str:
@@ -96,30 +98,31 @@ def choose_precision(bf16: bool | str, fp16: bool | str, device: torch.device, c
     loss scaling); on CPU, bf16 only with native bf16 matmuls, else fp32. An explicit ``bf16: true``
     on a CPU without them runs, with a warning that gives the measured slowdown.
     """
+    cpu = cpu or cpu_info()
+    decided = functools.partial(Precision, cpu=cpu)
     if fp16 is True:
-        return Precision(False, True, "fp16: true")
+        return decided(False, True, "fp16: true")
     if device.type == "cuda":
         if bf16 is True:
-            return Precision(True, False, "bf16: true")
+            return decided(True, False, "bf16: true")
         if bf16 == "auto" and torch.cuda.is_bf16_supported():
-            return Precision(True, False, f"bf16: auto, and {torch.cuda.get_device_name(device)} supports bf16")
+            return decided(True, False, f"bf16: auto, and {torch.cuda.get_device_name(device)} supports bf16")
         if bf16 == "auto":
-            return Precision(False, False, "bf16: auto, and this GPU has no bf16 (fp16: true for fp16 autocast)")
-        return Precision(False, False, "bf16: false")
+            return decided(False, False, "bf16: auto, and this GPU has no bf16 (fp16: true for fp16 autocast)")
+        return decided(False, False, "bf16: false")
     if device.type != "cpu":
-        return Precision(bf16 is True, False, f"bf16: {bf16} on {device.type}")
-    cpu = cpu or cpu_info()
+        return decided(bf16 is True, False, f"bf16: {bf16} on {device.type}")
     if bf16 == "auto":
         if cpu.native_bf16:
-            return Precision(True, False, f"bf16: auto, and the CPU ({cpu.model}) has native bf16 "
+            return decided(True, False, f"bf16: auto, and the CPU ({cpu.model}) has native bf16 "
                                           f"({', '.join(cpu.bf16_flags)})")  # fmt: skip
-        return Precision(False, False, f"bf16: auto, and the CPU ({cpu.model}) has no native bf16 "
+        return decided(False, False, f"bf16: auto, and the CPU ({cpu.model}) has no native bf16 "
                                        "(no AVX-512 BF16 or AMX): fp32 is faster there")  # fmt: skip
     if bf16 is True:
         if cpu.native_bf16:
-            return Precision(True, False, "bf16: true")
+            return decided(True, False, "bf16: true")
         times = (slowdown or bf16_slowdown)()
         warning = (f"bf16: true on a CPU without native bf16 ({cpu.model}): bf16 matmuls measured {times:.0f}x "
                    "slower than fp32 here; bf16=auto (or false) trains in fp32")  # fmt: skip
-        return Precision(True, False, "bf16: true", warning)
-    return Precision(False, False, "bf16: false")
+        return decided(True, False, "bf16: true", warning)
+    return decided(False, False, "bf16: false")

@@ -66,7 +66,7 @@ class Progress:
             )
 
     def warn(self, message: str) -> None:
-        self.bar.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        print_warning(message, self.bar.console)
 
     def print_eval(self, row: dict[str, Any]) -> None:
         if self.enabled:
@@ -109,16 +109,22 @@ def print_data_stats(stats: dict[str, dict[str, int]]) -> None:
     console.print(line, highlight=False, soft_wrap=True)
 
 
-def print_precision(precision) -> None:
-    """The run's first line: which precision it computes in and why; a warning when that is slow here."""
+def print_warning(message: str, to: Console = console) -> None:
+    """One ``warning:`` line; the message is shown as written (brackets are not read as markup)."""
+    to.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def print_precision(precision: hardware.Precision) -> None:
+    """The line after the data line: which precision the run computes in and why; a warning when
+    that is slow on this machine."""
     console.print(f"precision: {precision.name} ({precision.reason})", highlight=False, markup=False, soft_wrap=True)
     if precision.warning:
-        console.print(f"[yellow]warning:[/yellow] {escape(precision.warning)}", highlight=False, soft_wrap=True)
+        print_warning(precision.warning)
 
 
-def precision_record(precision) -> dict[str, Any]:
+def precision_record(precision: hardware.Precision) -> dict[str, Any]:
     """summary.json's account of the precision decision and the CPU it was made on."""
-    cpu = hardware.cpu_info()
+    cpu = precision.cpu
     return {"name": precision.name, "reason": precision.reason, "warning": precision.warning,
             "cpu": {"model": cpu.model, "native_bf16": cpu.native_bf16, "flags": " ".join(sorted(cpu.flags))}}
 

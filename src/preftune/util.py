@@ -21,8 +21,12 @@ def temporary_sibling(path: Path, suffix: str = ".tmp") -> Path:
     return path.with_name(f".{path.name}.{_writer()}.{uuid.uuid4().hex[:8]}{suffix}")
 
 
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")  # no dots: the name's fields are split on them
+
+
 def _writer() -> str:
-    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+    return f"{_host()}-{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:
@@ -38,9 +42,9 @@ def _alive(pid: int) -> bool:
 def remove_stale_siblings(path: Path) -> None:
     """Remove the temporary siblings of ``path`` that a killed writer on this host left behind
     (a crash mid-write of final/ or a checkpoint leaves a full copy of the weights otherwise)."""
-    host = socket.gethostname().replace(".", "_")
-    for leftover in path.parent.glob(f".{path.name}.{host}-*"):
-        pid = leftover.name[len(f".{path.name}.{host}-"):].split(".", 1)[0]
+    prefix = f".{path.name}.{_host()}-"
+    for leftover in path.parent.glob(prefix + "*"):
+        pid = leftover.name[len(prefix):].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
