@@ -105,3 +105,62 @@ def test_every_shipped_yaml_loads(path):
     raw = yaml.safe_load(path.read_text())
     assert isinstance(raw, dict) and ("train_file" in raw or "dataset" in raw), f"{path} is not a training config"
     load_config(path)
+
+
+# Issue 14: ignored keys say so, strict values, paths with ~.
+
+
+def test_each_ignored_key_warns_once_after_validation(capsys):
+    from preftune.config import IGNORED_KEYS
+
+    cfg = load_config({**BASE, "save_strategy": "steps", "flash_attn": "fa2", "do_train": True,
+                       "preprocessing_num_workers": 16})  # fmt: skip
+    lines = capsys.readouterr().err.splitlines()
+    assert sorted(lines) == sorted(
+        f"warning: '{key}' has no effect in preftune ({IGNORED_KEYS[key]}); ignored"
+        for key in ("save_strategy", "flash_attn", "do_train", "preprocessing_num_workers")
+    )
+    load_config(cfg)  # a loaded config carries no ignored key: no second warning
+    assert capsys.readouterr().err == ""
+    with pytest.raises(PreftuneError, match="'beta' must be > 0"):
+        load_config({**BASE, "save_strategy": "steps", "beta": -1})
+    assert capsys.readouterr().err == ""  # an error is the only line
+    assert "report_to" not in IGNORED_KEYS and "ddp_timeout" not in IGNORED_KEYS
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:3", "mps"])
+def test_devices_accepted(device):
+    assert load_config({**BASE, "device": device}).training.device == device
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:", "cuda:x", "CPU", "cpu ", "xla:0", ""])
+def test_devices_refused(device):
+    with pytest.raises(PreftuneError, match="'device' is"):
+        load_config({**BASE, "device": device})
+
+
+def test_tilde_is_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("train_file: ~/data/pairs.jsonl\noutput_dir: ~/runs/a\neval_prompts: ~/p.txt\n")
+    cfg = load_config("~/c.yaml")
+    assert cfg.data.train_file == str(tmp_path / "data" / "pairs.jsonl")
+    assert cfg.data.eval_prompts == str(tmp_path / "p.txt")
+    assert cfg.training.output_dir == str(tmp_path / "runs" / "a")
+    assert cfg.base_dir == str(tmp_path)
+
+
+def test_values_within_range_still_load():
+    cfg = load_config({**BASE, "seed": 2**64 - 1, "lora_dropout": 0.99, "loss_type": ["sigmoid", "sft"],
+                       "loss_weights": [1, 0.001], "row_length_multiple": 1024, "max_length": 1024,
+                       "learning_rate": "5e-6"})  # fmt: skip
+    assert cfg.training.seed == 2**64 - 1 and cfg.loss.loss_weights == [1.0, 0.001]
+    assert cfg.training.learning_rate == 5e-6
+    cfg = load_config({**BASE, "pref_ftx": "5e-1"})  # YAML reads 5e-1 (no dot) as a string
+    assert cfg.loss_types == ["sigmoid", "sft"] and cfg.loss.loss_weights == [1.0, 0.5]
+
+
+def test_error_messages_stay_short():
+    for raw in ({"system_prompt": ["x" * 10**6]}, {"lora_target": [[["a"] * 1000] * 1000]}, {"beta": "9" * 10**5}):
+        with pytest.raises(PreftuneError) as e:
+            load_config({**BASE, **raw})
+        assert len(str(e.value)) < 300, str(e.value)[:300]

@@ -675,10 +675,49 @@ def test_split_eval_sizes_and_determinism():
     assert len(split_eval(_pairs(10), 0.01, 0)[1]) == 1  # at least one when fraction > 0
     assert len(split_eval(_pairs(2), 0.9, 0)[1]) == 1  # training keeps at least one
     assert split_eval(_pairs(5), 0.0, 0) == (_pairs(5), [])
-    assert split_eval(_pairs(1), 0.5, 0) == (_pairs(1), [])
+    assert "eval_split 0.5 holds out no pair" in error_of(split_eval, _pairs(1), 0.5, 0)  # nothing to evaluate
+    assert split_eval(_pairs(1), 0.0, 0) == (_pairs(1), [])
     assert split_eval([], 0.5, 0) == ([], [])
 
 
 def test_split_eval_bad_fraction():
     assert "eval fraction must be from 0 up to (not including) 1, got 1.5" in error_of(split_eval, _pairs(3), 1.5, 0)
     assert "got -0.1" in error_of(split_eval, _pairs(3), -0.1, 0)
+
+
+# --------------------------------------------------------------------------- issue 14: bad input, one line
+
+
+def test_require_eval_pairs(chat_tokenizer):
+    from preftune.data import require_eval_pairs
+    from preftune.templates import tokenize_pairs
+
+    require_eval_pairs({"total": 3, "kept": 1, "dropped_truncated": 2, "dropped_identical": 0}, "e.jsonl")
+    require_eval_pairs({"total": 0, "kept": 0, "dropped_truncated": 0, "dropped_identical": 0}, "e.jsonl")
+    same = [PreferencePair("q", "Same.", "Same.", "e.jsonl:1"), PreferencePair("r", "A.", "A.", "e.jsonl:2")]
+    _, stats = tokenize_pairs(same, chat_tokenizer, max_length=64)
+    assert error_of(require_eval_pairs, vars(stats), "e.jsonl", 64) == (
+        "e.jsonl: no usable eval pair: 2 loaded, 0 dropped by truncation (max_length=64), 2 with chosen == rejected"
+    )
+
+
+def test_csv_quote_that_closes_rows_later(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_text('prompt,chosen,rejected\nQ1,a,b\n"Q2,a,b\nQ3,a",b\nQ4,a,b\n')
+    assert error_of(load_pairs, path) == (
+        f"{path}:3: row has 2 cells but the header has 3 columns; a quoted cell spans 2 lines (lines 3-4): "
+        "is a quote unclosed?"
+    )
+
+
+def test_csv_stray_quote_in_a_cell_is_text(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_text('prompt,chosen,rejected\nA 12" pizza?,Yes.,No.\n"Quoted, ""really""",a,b\n')
+    assert core(load_pairs(path)) == [('A 12" pizza?', "Yes.", "No."), ('Quoted, "really"', "a", "b")]
+
+
+def test_strict_json_keeps_valid_files(tmp_path):
+    rows = [{"prompt": "p\u00e9 \ud83d\ude00", "chosen": "a" * 10, "rejected": "b", "n": 10**30, "f": 1e300}]
+    for kind in ("jsonl", "json"):
+        path = write(tmp_path, kind, rows)
+        assert core(load_pairs(path)) == [("p\u00e9 \U0001f600", "a" * 10, "b")]  # a surrogate pair is one char

@@ -53,6 +53,28 @@ def test_sigterm_checkpoints_the_step_and_resume_is_exact(tiny_model_dir, tmp_pa
     assert [{k: r[k] for k in TRAIN_KEYS} for r in ours] == [{k: r[k] for k in TRAIN_KEYS} for r in theirs]
 
 
+def test_resume_mid_window_gives_every_logged_row(tiny_model_dir, tmp_path, monkeypatch):
+    """Stopped at step 3 with a logging window of 2 steps and a guard window of 4 half filled: the
+    checkpoint keeps both, so the resumed run logs exactly the uninterrupted run's rows, guard rows
+    included (before, both windows restarted at the resumed step)."""
+    import json
+
+    common = dict(max_steps=8, per_device_train_batch_size=2, logging_steps=2, eval_steps=4, eval_split=0.25)
+    straight = tmp_path / "straight"
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(straight), **common))
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        signal_after_step(m, 3, signal.SIGTERM)
+        with pytest.raises(RunStopped):
+            train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), **common))
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), resume_from_checkpoint=True, **common))
+    drop = {"tokens_per_second"}
+    ours, theirs = (json.loads((d / "log_history.json").read_text()) for d in (out, straight))
+    assert any("guard/chosen_logp_drop" in r for r in theirs)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in ours] == [
+        {k: v for k, v in r.items() if k not in drop} for r in theirs]
+
+
 def test_a_second_ctrl_c_stops_at_once(tiny_model_dir, tmp_path, monkeypatch):
     signal_after_step(monkeypatch, 2, signal.SIGINT, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):

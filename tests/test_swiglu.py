@@ -1,6 +1,5 @@
 """The fused SwiGLU MLP (kernels/swiglu.py): bit for bit eager autograd, fewer saved activations."""
 
-import json
 
 import pytest
 import torch

@@ -106,9 +106,9 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path, finetuning_type):
     train(base_config(tiny_model_dir, tmp_path, output_dir=str(interrupted), save_steps=2, save_total_limit=2,
                       **common))  # fmt: skip
     ckpts = sorted(p.name for p in (interrupted / "checkpoints").iterdir())
-    assert ckpts == ["step-2", "step-4"]  # save_total_limit removed step-... none older here; 6 is final
+    assert ckpts == ["step-4", "step-6"]  # 6: the end-of-run checkpoint; save_total_limit removed step-2
     train(base_config(tiny_model_dir, tmp_path, output_dir=str(interrupted), resume_from_checkpoint=str(
-        interrupted / "checkpoints" / "step-2"), **common))  # fmt: skip
+        interrupted / "checkpoints" / "step-4"), **common))  # fmt: skip
     resumed = rows(interrupted)
     assert [r["step"] for r in resumed] == [1, 2, 4, 6]
     close_rows(rows(straight), resumed, TRAIN_KEYS, tol=1e-6)
@@ -196,7 +196,89 @@ def test_save_total_limit_prunes(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=7, per_device_train_batch_size=1,
                       save_steps=2, save_total_limit=2))  # fmt: skip
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    # step 7 is the end-of-run checkpoint (kept: checkpoints were asked for), counted by save_total_limit
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6", "step-7"]
+
+
+def test_a_kill_while_writing_the_results_is_finished_by_a_rerun(tiny_model_dir, tmp_path, monkeypatch):
+    """The last step is checkpointed before final/ and the reports: a run killed while writing them
+    (here: in save_final) is finished by running the same command again, with the same rows; with
+    no save_steps that checkpoint is removed once the results are written."""
+    import preftune.training.finish as finish
+
+    common = dict(max_steps=4, per_device_train_batch_size=2, eval_split=0.25)
+    straight = tmp_path / "straight"
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(straight), **common))
+    assert not (straight / "checkpoints").exists()
+    out = tmp_path / "killed"
+
+    def killed(*args, **kwargs):
+        raise SystemExit(137)
+
+    with monkeypatch.context() as m:
+        m.setattr(finish, "save_final", killed)
+        with pytest.raises(SystemExit):
+            train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), **common))
+    assert (out / "checkpoints" / "step-4").is_dir() and not (out / "summary.json").exists()
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), **common))  # the same command again
+    assert (out / "final").is_dir() and not (out / "checkpoints").exists()
+    ours, theirs = (json.loads((d / "log_history.json").read_text()) for d in (out, straight))
+    drop = ("tokens_per_second",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in ours] == [
+        {k: v for k, v in r.items() if k not in drop} for r in theirs]
+
+
+def test_overwrite_removes_the_previous_run_first(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    common = dict(per_device_train_batch_size=2, save_steps=1)
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=3, finetuning_type="lora",
+                      eval_split=0.25, **common))  # fmt: skip
+    assert (out / "adapter").is_dir() and (out / "eval.json").exists()
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=2, finetuning_type="full",
+                      overwrite_output_dir=True, **common))  # fmt: skip
+    assert not (out / "adapter").exists() and not (out / "eval.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert not list(out.glob(".previous-run-*"))
+
+
+def test_overwrite_never_removes_a_directory_that_is_not_a_run(tiny_model_dir, tmp_path):
+    from preftune.errors import PreftuneError
+
+    mine = tmp_path / "my_project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(PreftuneError, match="holds files but no preftune run"):
+        train(base_config(tiny_model_dir, tmp_path, output_dir=str(mine), max_steps=1, overwrite_output_dir=True))
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("change, reason", [({"lora_r": 4}, "its lora is"), ({"n": 6}, "its training data is"),
+                                            ({"finetuning_type": "full"}, "its finetuning_type is")])  # fmt: skip
+def test_resume_refuses_a_checkpoint_of_another_run(tiny_model_dir, tmp_path, change, reason):
+    from preftune.errors import PreftuneError
+
+    out = tmp_path / "run"
+    common = dict(per_device_train_batch_size=2, save_steps=1, max_steps=2)
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), finetuning_type="lora", lora_r=8, **common))
+    cfg = base_config(tiny_model_dir, tmp_path, output_dir=str(out), finetuning_type="lora", lora_r=8,
+                      resume_from_checkpoint=str(out / "checkpoints" / "step-1"), **common)  # fmt: skip
+    if "n" in change:
+        cfg["train_file"] = write_pairs(tmp_path / "other.jsonl", n=change.pop("n"))
+    cfg.update(change)
+    with pytest.raises(PreftuneError, match=f"belongs to another run: {reason}"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("output_dir, message", [("", "'output_dir' is empty"), ("{file}/run", "is a file"),
+                                                 ("/proc/preftune-run", "cannot be created")])  # fmt: skip
+def test_output_dir_is_checked_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch, output_dir, message):
+    import preftune.training.loop as loop
+    from preftune.errors import PreftuneError
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(loop, "build_policy_and_reference", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(PreftuneError, match=message):
+        train(base_config(tiny_model_dir, tmp_path, output_dir=output_dir.format(file=tmp_path / "file")))
 
 
 def test_learning_rate_schedule_matches_transformers(tiny_model_dir, tmp_path):
@@ -369,3 +451,37 @@ def test_template_none_keeps_the_original_chat_template_in_final(tiny_model_dir,
     train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=1, template="none"))
     for saved in ("final", "adapter"):
         assert AutoTokenizer.from_pretrained(out / saved).chat_template == original, saved
+
+
+def test_schedule_is_lazy_and_equals_the_eager_one():
+    """Steps are built when asked; they equal the eager construction (each epoch's permutation
+    seeded by seed + epoch, cut into micro-batches, grouped by gradient_accumulation_steps)."""
+    import itertools
+    import math
+    import time
+
+    from preftune.config import from_dict
+    from preftune.training.state import build_schedule
+
+    def eager(n, b, ga, seed, total):
+        steps, epoch = [], 0
+        while len(steps) < total:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+            micro = [order[i : i + b] for i in range(0, n, b)]
+            steps += [micro[i : i + ga] for i in range(0, len(micro), ga)]
+            epoch += 1
+        return steps[:total]
+
+    for n, b, ga, epochs in itertools.product([1, 9, 17], [1, 3, 4], [1, 2, 3], [1, 2.5]):
+        cfg = from_dict({"model_name_or_path": "m", "train_file": "t.jsonl", "per_device_train_batch_size": b,
+                         "gradient_accumulation_steps": ga, "num_train_epochs": epochs, "seed": 5})  # fmt: skip
+        schedule, per_epoch = build_schedule(n, cfg)
+        assert per_epoch == math.ceil(math.ceil(n / b) / ga)
+        assert list(schedule) == eager(n, b, ga, 5, len(schedule))
+    started = time.time()
+    cfg = from_dict({"model_name_or_path": "m", "train_file": "t.jsonl", "max_steps": 10**9})
+    schedule, _ = build_schedule(1000, cfg)
+    last_epoch = (10**9 - 1) // 250  # 1000 pairs / batch 4 = 250 steps per epoch; the last step is its 250th
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(42 + last_epoch)).tolist()
+    assert len(schedule) == 10**9 and schedule[10**9 - 1] == [order[996:1000]]
+    assert time.time() - started < 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import typer
 from rich.markup import escape
 
 from preftune.config import describe_keys
-from preftune.errors import PreftuneError, RunStopped
+from preftune.distributed import launched_ranks
+from preftune.errors import PreftuneError, RunStopped, shown
 from preftune.util import onednn_cache_capacity
 
 app = typer.Typer(
@@ -34,6 +36,8 @@ def train_cmd(
     from preftune.training import train
 
     summary = train(config, overrides or [])
+    if launched_ranks()[0] != 0:  # under torchrun rank 0 speaks for all
+        return
     metrics = summary["final_metrics"]
     typer.echo(
         f"done: {summary['steps']} steps in {summary['runtime_seconds']:.1f}s; "
@@ -50,6 +54,24 @@ def version_cmd() -> None:
     import preftune
 
     typer.echo(preftune.__version__)
+
+
+@app.command("estimate")
+def estimate_cmd(
+    config: str = typer.Argument(..., help="Run config (YAML), or a model directory / config.json alone."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides."),
+    nproc: int = typer.Option(8, "--nproc", help="Processes (GPUs) the run would use: torchrun --nproc_per_node."),
+    device_memory: str = typer.Option("80GB", "--device-memory", help="Memory of one device, e.g. 80GB, 24GiB."),
+    device: str = typer.Option("cuda", "--device", help="cuda, or cpu (RSS, with the process runtime)."),
+    data: bool = typer.Option(False, "--data", help="Use the run's own micro-batches (reads tokenizer and data)."),
+    pair_tokens: int = typer.Option(None, "--pair-tokens", help="P+C+R tokens per pair (default: 2 x max_length)."),
+) -> None:
+    """Predict the peak memory per device under ddp and fsdp, with and without gradient checkpointing, from the
+    config and the model's config.json (no weights load); says which settings fit. Formula: docs/scaling.md."""
+    from preftune.estimate import run_estimate
+
+    typer.echo(run_estimate(config, overrides or [], nproc=nproc, device_memory=device_memory, device=device,
+                            data=data, pair_tokens=pair_tokens))  # fmt: skip
 
 
 # ---------------------------------------------------------------- eval
@@ -72,6 +94,14 @@ def eval_cmd(
     """Score pairs (accuracy by summed and per-token log-prob; implicit reward with --reference) and compare answers."""
     from preftune.evaluation import run_eval
 
+    _check_options(device=device, seed=None)
+    if not (math.isfinite(beta) and beta > 0):
+        raise PreftuneError(f"--beta must be a finite number > 0, got {beta}")
+    for name, value, least in (("--batch-size", batch_size, 1), ("--max-length", max_length, 2)):
+        if value < least:
+            raise PreftuneError(f"{name} must be at least {least}, got {value}")
+    model, reference = _home(model), _home(reference)
+    data, prompts, output = (_home(p) for p in (data, prompts, output))
     run_eval(model, data, reference, prompts, output, max_new_tokens=max_new_tokens, system_prompt=system_prompt,
              beta=beta, batch_size=batch_size, max_length=max_length, device=device)  # fmt: skip
 
@@ -83,6 +113,23 @@ generate_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(generate_app, name="generate")
+
+
+def _check_options(device: str | None, seed: int | None) -> None:
+    """Options that would otherwise fail deep inside torch, checked before anything loads."""
+    from preftune.config import SEED_RANGE, check_device
+
+    if device is not None:
+        check_device(device, key="--device")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise PreftuneError(f"--seed must fit in an unsigned 64-bit integer, got {shown(seed)}")
+
+
+def _home(path):
+    """``~`` expanded, as a shell does for an unquoted path (not for one inside quotes or after '=')."""
+    if path is None or not str(path).startswith("~"):
+        return path
+    return type(path)(Path(path).expanduser()) if isinstance(path, Path) else str(Path(path).expanduser())
 
 
 def _parse_replace(items: list[str] | None) -> dict[str, str]:
@@ -138,6 +185,7 @@ def generate_identity_cmd(
     from preftune.evaluation import load_model
     from preftune.generation import done_prompts, load_prompts, prompt_key
 
+    _check_options(device=device, seed=seed)
     _check_output_file(output)
     replacements = _parse_replace(replace)
     qs = None
@@ -186,6 +234,7 @@ def generate_best_of_n_cmd(
     from preftune.evaluation import load_model
     from preftune.generation import done_prompts, load_prompts, prompt_key
 
+    _check_options(device=device, seed=seed)
     _check_output_file(output)
     if n < 2:
         raise PreftuneError(f"--n must be at least 2, got {n}")
@@ -217,6 +266,7 @@ def generate_template_cmd(
     except ImportError as e:
         raise PreftuneError(f"the template builder is not available: {e}") from None
 
+    _check_options(device=None, seed=seed)
     _check_output_file(output)
     if heldout_output is not None:
         _check_output_file(heldout_output)
@@ -238,21 +288,70 @@ def generate_template_cmd(
         typer.echo(f"warning: {problem}", err=True)
 
 
+def speaks(error: Exception) -> bool:
+    """Under torchrun every rank meets the same user error (same config, data, model) and stops at
+    the same step: rank 0 prints it, unless the error is this rank's alone (``rank_only``)."""
+    return launched_ranks()[0] == 0 or getattr(error, "rank_only", False)
+
+
+PEER_FAILURE_SIGNS = ("connection closed by peer", "connection reset by peer", "timed out", "timeout", "broken pipe",
+                      "nccl communicator was aborted")  # fmt: skip
+
+
+def peer_failure(error: Exception) -> str | None:
+    """The one-line reason when ``error`` is a collective that failed because another rank died or
+    hung (the failing rank prints its own error, the root cause); None for anything else."""
+    if launched_ranks()[1] <= 1 or not isinstance(error, RuntimeError):
+        return None
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not any(sign in text.lower() for sign in PEER_FAILURE_SIGNS):
+        return None
+    return f"another rank failed or stopped answering ({text[:200]})"
+
+
+def _run_app() -> None:
+    """The typer app, with its own usage errors (a missing argument, an option value that is not a
+    number, an unknown option) as one line and exit 2, like every other user error: typer would print
+    a usage panel of several lines."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # typer turns Ctrl-C into Abort
+        raise KeyboardInterrupt from None
+    except typer.TyperException as e:  # typer's click exceptions: usage errors, bad option values
+        if type(e).__name__ == "NoArgsIsHelpError":  # `preftune`, `preftune generate`: the help, as before
+            e.show()
+        else:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            print(f"error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
 def main() -> None:
     # the oneDNN kernel cache cap (see util.onednn_cache_capacity) is read at torch's first matmul,
     # so it is set here, before any command runs; an in-process caller gets its environment back
     with onednn_cache_capacity():
         try:
-            app()
+            _run_app()
         except PreftuneError as e:
-            print(f"error: {e}", file=sys.stderr)
+            if speaks(e):
+                print(f"error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
         except RunStopped as e:  # a checkpoint of the last finished step is written
-            print(str(e), file=sys.stderr)
+            if speaks(e):
+                print(str(e), file=sys.stderr)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except Exception as e:  # under torchrun: a rank that stops because another one failed says so in a line
+            peer = peer_failure(e)
+            if peer is None:
+                raise
+            print(f"error: rank {launched_ranks()[0]} stopped: {peer}", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

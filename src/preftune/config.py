@@ -9,6 +9,10 @@ Unknown keys are errors that suggest the closest known key.
 
 from __future__ import annotations
 
+import math
+import os
+import re
+import sys
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -17,8 +21,13 @@ from typing import Any
 
 import yaml
 
-from preftune.data.llamafactory import IGNORED_KEYS, LLAMAFACTORY_ALIASES, translate_config_keys  # noqa: F401
-from preftune.errors import PreftuneError
+from preftune.data.llamafactory import (  # noqa: F401
+    IGNORED_KEYS,
+    LLAMAFACTORY_ALIASES,
+    ignored_key_warnings,
+    translate_config_keys,
+)
+from preftune.errors import PreftuneError, shown
 from preftune.util import did_you_mean
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -79,6 +88,12 @@ class DataConfig:
     max_length: int = doc("Maximum tokens of prompt + completion.", 1024)
     max_prompt_length: int | None = doc("Prompts longer than this are cut from the left first.", None)
     max_samples: int | None = doc("Use at most this many training pairs (after loading, before splitting).", None)
+    special_tokens_in_text: str = doc(
+        "Data text that spells one of the tokenizer's special tokens (<|im_end|>, <|im_start|>assistant, ...): "
+        "literal (tokenized as the plain text it is, so a data row cannot end a turn), error (stop, naming the "
+        "pair and field) or parse (read as the control token). The data line counts such pairs.",
+        "literal",
+    )
     generate: str | list[str] | None = doc(
         "A `preftune generate` command line (without 'preftune generate') that builds train_file; run first, "
         "from the config's directory, when train_file does not exist yet.",
@@ -202,8 +217,28 @@ class TrainingConfig:
     guard_prompts: int = doc("Collapse guard: how many eval_prompts to answer at each check (0: none).", 4)
     guard_max_new_tokens: int = doc("Collapse guard: answer length in tokens.", 48)
     eval_max_new_tokens: int = doc("Length of the before/after answers to eval_prompts in report.md.", 96)
-    device: str = doc("auto, cpu, cuda or cuda:N.", "auto")
+    device: str = doc("auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK).", "auto")
+    distributed: str = doc(
+        "Under torchrun: ddp (every rank holds the model; gradients summed once per optimizer step) or fsdp "
+        "(FSDP2 fully_shard per decoder layer, then the root; full fine-tuning). Ignored in a single process.",
+        "ddp",
+    )
+    ddp_timeout: int = doc(
+        "Under torchrun: seconds a rank waits for the others (a collective, a barrier) before the run ends with "
+        "an error instead of hanging.",
+        1800,
+    )
+    report_to: str | list[str] | None = doc(
+        "tensorboard: TensorBoard event files of every logged scalar under output_dir/runs; none (or []): no "
+        "logger.",
+        "none",
+    )
     progress: bool = doc("Show a progress bar.", True)
+
+    @property
+    def uses_tensorboard(self) -> bool:
+        """``report_to`` names tensorboard (validated at load: nothing else is accepted)."""
+        return "tensorboard" in report_targets(self.report_to)
 
 
 SECTIONS: dict[str, type] = {
@@ -223,7 +258,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "format": ("auto", "standard", "conversational", "alpaca", "sharegpt"),
     "lr_scheduler_type": ("linear", "cosine", "constant"),
     "template": ("chatml", "qwen", "none"),
+    "distributed": ("ddp", "fsdp"),
+    "special_tokens_in_text": ("literal", "error", "parse"),
 }
+REPORT_TARGETS = ("tensorboard", "none")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
+# Integers go to torch and numpy as int64 (the seed as uint64): a larger one fails deep inside them.
+INT_RANGE = (-(2**63), 2**63 - 1)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
 
 CHECKPOINTING_MODES = ("full", "selective")
 
@@ -266,13 +308,60 @@ def all_fields() -> dict[str, tuple[str, Any]]:
 _HINT_CUTOFF = 0.5
 
 
-def _unknown_key(key: str, where: str | None) -> PreftuneError:
-    suggestion = did_you_mean(key, list(all_fields()) + list(LLAMAFACTORY_ALIASES), _HINT_CUTOFF)
-    return PreftuneError(f"unknown key '{key}'{suggestion} (see `preftune train --help`)", where)
+def _unknown_key(key: Any, where: str | None) -> PreftuneError:
+    if not isinstance(key, str):
+        return PreftuneError(f"keys must be names, got {shown(key)} (a {type(key).__name__})", where)
+    suggestion = ""
+    if len(key) <= 100:  # difflib is quadratic in the length
+        suggestion = did_you_mean(key, list(all_fields()) + list(LLAMAFACTORY_ALIASES), _HINT_CUTOFF)
+    return PreftuneError(f"unknown key {shown(key)}{suggestion} (see `preftune train --help`)", where)
+
+
+def report_targets(value: Any) -> list[str]:
+    """``report_to`` as a list of loggers, ``none`` dropped."""
+    items = [] if value is None else [value] if isinstance(value, str) else list(value)
+    return [item for item in items if item != "none"]
+
+
+def check_device(name: Any, where: str | None = None, key: str = "device") -> str:
+    """auto, cpu, cuda, cuda:N (or mps): anything else stops before torch is asked about it."""
+    if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
+        raise PreftuneError(f"'{key}' is {shown(name)}; use auto, cpu, cuda or cuda:N", where)
+    return name
+
+
+def _check_text(key: str, value: str, where: str | None) -> str:
+    if "\x00" in value:
+        raise PreftuneError(f"'{key}' holds a NUL character", where)
+    if re.search("[\ud800-\udfff]", value):
+        raise PreftuneError(f"'{key}' holds a lone surrogate ({shown(value)}), which is not text", where)
+    return value
+
+
+def _check_int(key: str, value: int, where: str | None) -> int:
+    low, high = SEED_RANGE if key == "seed" else INT_RANGE
+    if not low <= value <= high:
+        kind = "an unsigned 64-bit" if key == "seed" else "a 64-bit"
+        raise PreftuneError(f"'{key}' must fit in {kind} integer, got {shown(value)}", where)
+    return value
+
+
+def _check_float(key: str, value: Any, where: str | None) -> float:
+    try:
+        number = float(value)
+    except OverflowError:
+        raise PreftuneError(f"'{key}' is too large: {shown(value)}", where) from None
+    if not math.isfinite(number):
+        raise PreftuneError(f"'{key}' must be a finite number, got {shown(value)}", where)
+    return number
 
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+class _Mismatch(PreftuneError):
+    """A value of the wrong type (a union tries its next type); any other error is the value's own."""
 
 
 def _coerce(key: str, value: Any, tp, where: str | None) -> Any:
@@ -288,10 +377,10 @@ def _coerce(key: str, value: Any, tp, where: str | None) -> Any:
                 continue
             try:
                 return _coerce(key, value, arg, where)
-            except PreftuneError as e:
+            except _Mismatch as e:
                 errors.append(e)
         expected = " or ".join(_type_name(a) for a in args if a is not type(None))
-        raise PreftuneError(f"'{key}' must be {expected}, got {value!r}", where)
+        raise _Mismatch(f"'{key}' must be {expected}, got {shown(value)}", where)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str) and item_tp is str:
@@ -300,34 +389,40 @@ def _coerce(key: str, value: Any, tp, where: str | None) -> Any:
         if isinstance(value, (int, float)) and item_tp is float and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list):
-            raise PreftuneError(f"'{key}' must be a list, got {value!r}", where)
+            raise _Mismatch(f"'{key}' must be a list, got {shown(value)}", where)
         return [_coerce(key, v, item_tp, where) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise PreftuneError(f"'{key}' must be true or false, got {value!r}", where)
+        raise _Mismatch(f"'{key}' must be true or false, got {shown(value)}", where)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return _check_int(key, value, where)
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise PreftuneError(f"'{key}' must be an integer, got {value!r}", where)
+            return _check_int(key, int(value), where)
+        raise _Mismatch(f"'{key}' must be an integer, got {shown(value)}", where)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _check_float(key, value, where)
         if isinstance(value, str):  # YAML reads 5e-6 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise PreftuneError(f"'{key}' must be a number, got {value!r}", where)
+            else:
+                return _check_float(key, number if math.isfinite(number) else value, where)
+        raise _Mismatch(f"'{key}' must be a number, got {shown(value)}", where)
     if tp is str:
         if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return _check_text(key, value, where)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 10**40:
             return str(value)
-        raise PreftuneError(f"'{key}' must be a string, got {value!r}", where)
+        raise _Mismatch(f"'{key}' must be a string, got {shown(value)}", where)
     return value
+
+
+def _hint(word: str, options) -> str:
+    return did_you_mean(word, options, _HINT_CUTOFF) if len(word) <= 100 else ""  # difflib: quadratic
 
 
 def _validate(cfg: TrainConfig, where: str | None) -> None:
@@ -335,18 +430,20 @@ def _validate(cfg: TrainConfig, where: str | None) -> None:
     for key, options in CHOICES.items():
         value = flat[key]
         if value is not None and value not in options:
-            extra = did_you_mean(str(value), options, _HINT_CUTOFF)
-            raise PreftuneError(f"'{key}' is '{value}'{extra} (choose from {', '.join(options)})", where)
+            extra = _hint(str(value), options)
+            raise PreftuneError(f"'{key}' is {shown(value)}{extra} (choose from {', '.join(options)})", where)
     ckpt = flat["gradient_checkpointing"]
     if isinstance(ckpt, str) and ckpt not in CHECKPOINTING_MODES:
-        extra = did_you_mean(ckpt, CHECKPOINTING_MODES, _HINT_CUTOFF)
+        extra = _hint(ckpt, CHECKPOINTING_MODES)
         raise PreftuneError(
-            f"'gradient_checkpointing' is '{ckpt}'{extra} (choose from true, false, {', '.join(CHECKPOINTING_MODES)})", where
+            f"'gradient_checkpointing' is {shown(ckpt)}{extra} (choose from true, false, "
+            f"{', '.join(CHECKPOINTING_MODES)})",
+            where,
         )
     for name in cfg.loss_types:
         if name not in LOSS_NAMES:
-            extra = did_you_mean(name, LOSS_NAMES, _HINT_CUTOFF)
-            raise PreftuneError(f"unknown loss_type '{name}'{extra} (known: {', '.join(LOSS_NAMES)})", where)
+            extra = _hint(name, LOSS_NAMES)
+            raise PreftuneError(f"unknown loss_type {shown(name)}{extra} (known: {', '.join(LOSS_NAMES)})", where)
     if not cfg.loss_types:
         raise PreftuneError("'loss_type' must name at least one loss", where)
     weights = cfg.loss.loss_weights
@@ -354,10 +451,15 @@ def _validate(cfg: TrainConfig, where: str | None) -> None:
         raise PreftuneError(
             f"'loss_weights' has {len(weights)} values but loss_type has {len(cfg.loss_types)}", where
         )
+    for name, weight in zip(cfg.loss_types, weights or []):
+        if weight <= 0:
+            raise PreftuneError(
+                f"'loss_weights' must be > 0, got {weight} for {name} (leave a loss out of loss_type instead)", where
+            )
     positive = ["learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "max_length", "logging_steps", "beta", "lora_r", "lora_alpha",
                 "collapse_max_logp_drop", "collapse_max_retain_drop", "guard_max_new_tokens",
-                "eval_max_new_tokens"]  # fmt: skip
+                "eval_max_new_tokens", "ddp_timeout"]  # fmt: skip
     for key in positive:
         if flat[key] <= 0:
             raise PreftuneError(f"'{key}' must be > 0, got {flat[key]}", where)
@@ -366,10 +468,34 @@ def _validate(cfg: TrainConfig, where: str | None) -> None:
         if flat[key] is not None and flat[key] <= 0:
             raise PreftuneError(f"'{key}' must be > 0, got {flat[key]}", where)
     nonneg = ["weight_decay", "warmup_steps", "max_grad_norm", "num_train_epochs", "lora_dropout", "adam_epsilon",
-              "guard_prompts"]  # fmt: skip
+              "guard_prompts", "orpo_alpha"]  # fmt: skip
     for key in nonneg:
         if flat[key] < 0:
             raise PreftuneError(f"'{key}' must be >= 0, got {flat[key]}", where)
+    if flat["lora_dropout"] >= 1.0:
+        raise PreftuneError(f"'lora_dropout' must be in [0, 1), got {flat['lora_dropout']} (1 drops every input)",
+                            where)  # fmt: skip
+    if flat["max_length"] < 2:
+        raise PreftuneError(f"'max_length' must be at least 2 (a prompt and a reply token), got {flat['max_length']}",
+                            where)  # fmt: skip
+    multiple = flat["row_length_multiple"]
+    if multiple is not None and multiple > flat["max_length"]:
+        raise PreftuneError(
+            f"'row_length_multiple' ({multiple}) must be at most max_length ({flat['max_length']}): packed rows are "
+            "padded to a multiple of it",
+            where,
+        )
+    check_device(flat["device"], where)
+    if not flat["output_dir"].strip():
+        raise PreftuneError("'output_dir' is empty; name the directory the run writes into", where)
+    targets = flat["report_to"]
+    for target in [] if targets is None else [targets] if isinstance(targets, str) else targets:
+        if target not in REPORT_TARGETS:
+            raise PreftuneError(
+                f"'report_to' names {shown(target)}; preftune writes TensorBoard event files (report_to: tensorboard) "
+                "or nothing (none)",
+                where,
+            )
     if not 0.0 <= flat["eval_split"] < 1.0:
         raise PreftuneError(f"'eval_split' must be in [0, 1), got {flat['eval_split']}", where)
     if not 0.0 <= flat["warmup_ratio"] < 1.0:
@@ -410,6 +536,7 @@ def from_dict(raw: dict[str, Any], where: str | None = None, base_dir: Path | No
     """Build and validate a config from flat keys (preftune, TRL or LLaMA-Factory names)."""
     if not isinstance(raw, dict):
         raise PreftuneError("the config must be a mapping of keys to values", where)
+    ignored = {key: True for key in raw if isinstance(key, str) and key in IGNORED_KEYS}
     raw = translate_config_keys(raw, where)
     known = all_fields()
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
@@ -428,6 +555,9 @@ def from_dict(raw: dict[str, Any], where: str | None = None, base_dir: Path | No
     cfg = TrainConfig(**{name: SECTIONS[name](**values) for name, values in sections.items()})
     cfg.base_dir = str(base_dir)
     _validate(cfg, where)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for all
+        for line in ignored_key_warnings(ignored):
+            print(f"warning: {line}", file=sys.stderr)
     return cfg
 
 
@@ -445,48 +575,163 @@ def _resolve(f) -> Any:
 PATH_KEYS = ("train_file", "eval_file", "dataset_dir", "eval_prompts", "retain_prompts")
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system: the reader names the problem
+        return False
+
+
+def _expand_home(value: Any) -> Any:
+    return str(Path(value).expanduser()) if isinstance(value, str) and value.startswith("~") else value
+
+
 def _resolve_paths(sections: dict[str, dict[str, Any]], base_dir: Path) -> None:
-    """Relative data paths in a YAML file are relative to the file's directory when they exist there."""
+    """Relative data paths in a YAML file are relative to the file's directory when they exist there;
+    ``~`` is the user's home in every path."""
     data = sections["data"]
     data.setdefault("dataset_dir", DataConfig.dataset_dir)
     for key in PATH_KEYS:
-        value = data.get(key)
+        value = _expand_home(data.get(key))
         if isinstance(value, str) and not Path(value).is_absolute():
-            data[key] = str(Path(value).resolve() if Path(value).exists() else base_dir / value)
+            value = str(Path(value).resolve() if _exists(Path(value)) else base_dir / value)
+        if key in data:
+            data[key] = value
     model = sections["model"]
     for key in ("model_name_or_path", "ref_model_name_or_path"):
-        value = model.get(key)
+        value = _expand_home(model.get(key))
         if isinstance(value, str) and (value.startswith("./") or value.startswith("../")):
             candidate = base_dir / value
-            if not Path(value).exists() and candidate.exists():
-                model[key] = str(candidate)
+            if not _exists(Path(value)) and _exists(candidate):
+                value = str(candidate)
+        if key in model:
+            model[key] = value
+    training = sections["training"]
+    for key in ("output_dir", "resume_from_checkpoint"):
+        if key in training:
+            training[key] = _expand_home(training[key])
+
+
+# A config is a few dozen values: more than this many (YAML aliases can expand 758 bytes into billions,
+# and any error message or copy of them into gigabytes) is refused before anything looks at them.
+MAX_CONFIG_VALUES = 100_000
+
+
+class _Refused(yaml.constructor.ConstructorError):
+    """Valid YAML that ``_StrictLoader`` refuses (a key twice, an integer too long)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML keeps the last one silently) and
+    integers longer than Python converts (a bare ValueError otherwise)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set[tuple[str, str]] = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    name = (key_node.tag, key_node.value)
+                    if name in seen:
+                        raise _Refused(None, None, f"key {shown(key_node.value)} appears twice", key_node.start_mark)
+                    seen.add(name)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        limit = sys.get_int_max_str_digits()
+        digits = sum(c.isdigit() for c in str(node.value))
+        if limit and digits > limit:
+            raise _Refused(None, None, f"a number with {digits} digits (at most {limit} are read)", node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+
+
+def _count_values(value: Any, limit: int) -> int:
+    """How many values ``value`` holds, counting aliases as often as they are used; stops past ``limit``
+    (so a recursive alias or an alias bomb costs no more than ``limit`` steps)."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set)):
+            stack.extend(item)
+    return count
+
+
+def _yaml_problem(e: BaseException) -> tuple[str, int | None]:
+    """(problem, 1-based line or None) of an exception from ``_StrictLoader``."""
+    if isinstance(e, yaml.YAMLError):
+        mark = getattr(e, "problem_mark", None)
+        return getattr(e, "problem", None) or "invalid YAML", (mark.line + 1 if mark is not None else None)
+    if isinstance(e, RecursionError):
+        return "nested too deeply", None
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__), None
+
+
+def load_yaml_value(text: str, where: str | None = None) -> Any:
+    """YAML text to a value, strictly (see ``_StrictLoader``) and bounded (``MAX_CONFIG_VALUES``)."""
+    try:
+        value = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:
+        problem, line = _yaml_problem(e)
+        at = f"{where}:{line}" if where and line else where
+        raise PreftuneError(f"invalid YAML: {problem}", at) from None
+    if _count_values(value, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise PreftuneError(
+            f"the YAML holds more than {MAX_CONFIG_VALUES} values once its aliases (*name) are expanded; a config "
+            "is a few dozen keys",
+            where,
+        )
+    return value
 
 
 def parse_override(item: str) -> tuple[str, Any]:
     """``key=value`` from the command line; the value is read as YAML (numbers, lists, booleans)."""
     if "=" not in item:
-        raise PreftuneError(f"override '{item}' must look like key=value")
+        hint = ""
+        if item.lower().endswith((".yaml", ".yml")):
+            hint = "; the config file comes first: preftune train CONFIG [KEY=VALUE ...]"
+        raise PreftuneError(f"override {shown(item)} must look like key=value{hint}")
     key, _, text = item.partition("=")
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = yaml.load(text, Loader=_StrictLoader) if text else ""  # noqa: S506 - a SafeLoader
+    except _Refused as e:
+        raise PreftuneError(f"override for '{key.strip()}': {e.problem}") from None
     except yaml.YAMLError:
-        value = text
+        value = text  # not YAML: the text as it is
+    except (ValueError, TypeError, RecursionError) as e:
+        raise PreftuneError(f"override for '{key.strip()}': invalid YAML: {_yaml_problem(e)[0]}") from None
+    if _count_values(value, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise PreftuneError(f"override for '{key.strip()}' holds more than {MAX_CONFIG_VALUES} values")
     return key.strip(), value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise PreftuneError(f"config file not found: {path}")
+    path = Path(path).expanduser()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, ValueError) as e:
+        raise PreftuneError(f"cannot read the config file ({getattr(e, 'strerror', None) or e})", str(path)) from None
+    if is_dir:
+        raise PreftuneError("is a directory; give the YAML config file (preftune train CONFIG.yaml)", str(path))
+    if not is_file:
+        hint = ""
+        if "=" in path.name:
+            hint = (" (it looks like a key=value override; the config file comes first: "
+                    "preftune train CONFIG [KEY=VALUE ...])")
+        raise PreftuneError(f"config file not found: {path}{hint}")
+    try:
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise PreftuneError("config is not valid UTF-8", str(path)) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or "invalid YAML"
-        raise PreftuneError(f"invalid YAML: {problem}", f"{path}{line}") from None
+    except OSError as e:
+        raise PreftuneError(f"cannot read the config file ({e.strerror or e})", str(path)) from None
+    raw = load_yaml_value(text, str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -504,7 +749,8 @@ def load_config(
     elif isinstance(source, dict):
         raw, where, base_dir = dict(source), None, None
     else:
-        raw, where, base_dir = read_yaml(source), str(source), Path(source).resolve().parent
+        source = Path(source).expanduser()
+        raw, where, base_dir = read_yaml(source), str(source), source.resolve().parent
     if overrides:
         items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
         for key, value in items:

@@ -29,3 +29,20 @@ class TrainingDiverged(PreftuneError):
     last checkpoint is kept, no final/ of broken weights is saved. The CLI prints one line, exit 1."""
 
     exit_code = 1
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for one-line messages: a 20 MB string, a
+    5000-digit number or a YAML alias bomb (a structure of billions of values) must not be built
+    into an error message. Bounded in time too: nested containers show their first items only."""
+    import reprlib
+
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return f"a{' negative' if value < 0 else ''} {value.bit_length()}-bit integer"
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 4
+    short.maxlevel = 3
+    short.maxlong = 40
+    text = short.repr(value)
+    return text if len(text) <= limit + 10 else text[:limit] + "..."

@@ -121,14 +121,29 @@ def forward_packed(model: nn.Module, packed: PackedRows, *, full_logits: bool = 
         flat = logits.reshape(-1, logits.shape[-1]).index_select(0, packed.pred_index)  # (N, V)
         per_token, mean_logits = token_logps(flat, packed.target_ids)
     else:
-        hidden = decoder(**inputs)[0]  # (R, L, H), after the final norm
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.pred_index)  # (N, H)
-        embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-        tied = embed is not None and getattr(head, "weight", None) is embed.weight
-        per_token, mean_logits = chunked_head_logps(head, hidden, packed.target_ids, chunk_size, tied=tied)
-        if per_token.numel() == 0:  # nothing to score: keep the graph connected anyway
-            per_token = per_token + hidden.sum() * 0
+        # a model sharded by FSDP2 scores through its registered method, so its root's weights
+        # (embedding, final norm, head) are gathered around the call (distributed.shard_model)
+        score = getattr(base, SCORE_METHOD, None) or (lambda *args: score_positions(base, *args))
+        per_token, mean_logits = score(inputs, packed.pred_index, packed.target_ids, chunk_size)
     return _per_sequence(packed, per_token, mean_logits)
+
+
+SCORE_METHOD = "preftune_score_positions"
+
+
+def score_positions(base: nn.Module, inputs: dict, pred_index: Tensor, target_ids: Tensor, chunk_size: int,
+                    tied_projection: bool = True) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Decoder body, then the LM head on the ``pred_index`` positions only: (N,) log-probs of
+    ``target_ids`` and (N,) vocabulary-mean logits."""
+    _, decoder, head = _parts(base)
+    hidden = decoder(**inputs)[0]  # (R, L, H), after the final norm
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_index)  # (N, H)
+    embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    tied = tied_projection and embed is not None and getattr(head, "weight", None) is embed.weight
+    per_token, mean_logits = chunked_head_logps(head, hidden, target_ids, chunk_size, tied=tied)
+    if per_token.numel() == 0:  # nothing to score: keep the graph connected anyway
+        per_token = per_token + hidden.sum() * 0
+    return per_token, mean_logits
 
 
 def chunked_head_logps(

@@ -140,6 +140,16 @@ class CollapseGuard:
                 self.healthy_state = snapshot(self.model)
         return verdict
 
+    def resume_at(self, step: int, window: tuple[float, int] | None) -> None:
+        """Continue from a checkpoint of ``step``: its partly filled drop window, and its weights as
+        the healthy ones to fall back to (the baseline stays the starting model's: build the guard
+        before loading the checkpoint)."""
+        if window is not None:
+            self.drop_sum, self.drop_pairs = float(window[0]), int(window[1])
+        self.healthy_step = step
+        if self.keep_healthy:
+            self.healthy_state = snapshot(self.model)
+
     def restore_healthy(self) -> int:
         if self.healthy_state is None:
             raise RuntimeError("CollapseGuard(keep_healthy=False) has no healthy weights to restore")

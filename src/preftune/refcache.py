@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from preftune.distributed import Ranks
 from preftune.packing import segment_length
 from preftune.types import TokenizedPair
 from preftune.util import atomic_write
@@ -70,42 +71,60 @@ def fingerprint_pairs(pairs: list[TokenizedPair]) -> str:
     return h.hexdigest()
 
 
-def compute_reference_logps(reference, pairs, forward, batch_size, autocast) -> RefLogps:
+def compute_reference_logps(reference, pairs, forward, batch_size, autocast, ranks: Ranks = Ranks()) -> RefLogps:
     """``forward(model, pairs) -> PairForward`` is the trainer's forward (fast or padded path).
 
     Batches take the pairs in order of length, so the rows of a batch are about as long as
     each other and little of the work is padding; the result is in the order of ``pairs``.
+    Under torchrun each rank computes every W-th batch (the same batches as one process) and the
+    results are summed over the ranks (each pair's entry is non-zero on one rank only).
     """
     order = sorted(range(len(pairs)), key=lambda i: segment_length(pairs[i]))
-    chosen = torch.empty(len(pairs), dtype=torch.float32)
-    rejected = torch.empty(len(pairs), dtype=torch.float32)
+    chosen = torch.zeros(len(pairs), dtype=torch.float32)
+    rejected = torch.zeros(len(pairs), dtype=torch.float32)
     model = reference.model
     was_training = model.training
     model.eval()
     for i in range(0, len(pairs), batch_size):
+        if not ranks.mine(i // batch_size):
+            continue
         batch = order[i : i + batch_size]
         with torch.inference_mode(), reference.context(), autocast():
             out = forward(model, [pairs[j] for j in batch])
             logps = out.chosen.logps.float().cpu(), out.rejected.logps.float().cpu()
         chosen[batch], rejected[batch] = logps  # outside inference mode: normal tensors, usable next to autograd
     model.train(was_training)
+    ranks.sum_tensor_(chosen)
+    ranks.sum_tensor_(rejected)
     return RefLogps(chosen, rejected)
 
 
 def load_or_compute(
     reference, pairs, *, forward, batch_size, autocast, precision: str, cache_dir: Path,
-    reference_fingerprint: str,
+    reference_fingerprint: str, ranks: Ranks = Ranks(),
 ) -> tuple[RefLogps, bool]:  # fmt: skip
-    """Cached reference log-probs of ``pairs``; returns (logps, cache_hit)."""
+    """Cached reference log-probs of ``pairs``; returns (logps, cache_hit). Under torchrun the ranks
+    compute them together unless every rank finds the cache (nodes need not share a disk), and
+    rank 0 alone writes it."""
     key = hashlib.blake2b(
         f"v{CACHE_VERSION}|{reference_fingerprint}|{fingerprint_pairs(pairs)}|{precision}".encode(), digest_size=16
     ).hexdigest()
     path = cache_dir / f"{key}.safetensors"
-    if path.is_file():
-        blob = load_file(path)
-        if blob["chosen"].numel() == len(pairs):
-            return RefLogps(blob["chosen"], blob["rejected"]), True
-    logps = compute_reference_logps(reference, pairs, forward, batch_size, autocast)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save_file({"chosen": logps.chosen, "rejected": logps.rejected}, tmp))
+    cached = _read_cache(path, len(pairs))
+    (missing,) = ranks.max([float(cached is None)])
+    if not missing:
+        return cached, True
+    logps = compute_reference_logps(reference, pairs, forward, batch_size, autocast, ranks)
+    if ranks.is_main:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_file({"chosen": logps.chosen, "rejected": logps.rejected}, tmp))
     return logps, False
+
+
+def _read_cache(path: Path, num_pairs: int) -> RefLogps | None:
+    if not path.is_file():
+        return None
+    blob = load_file(path)
+    if blob["chosen"].numel() != num_pairs:
+        return None
+    return RefLogps(blob["chosen"], blob["rejected"])

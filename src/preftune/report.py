@@ -98,7 +98,7 @@ def quiet_libraries():
                 logging.enable_progress_bar()
 
 
-def print_data_stats(stats: dict[str, dict[str, int]]) -> None:
+def print_data_stats(stats: dict[str, dict[str, int]], special_tokens_in_text: str = "literal") -> None:
     tr, ev = stats["train"], stats["eval"]
     line = (
         f"data: {tr['kept']} training pairs of {tr['total']} ({tr['truncated']} truncated, "
@@ -107,6 +107,17 @@ def print_data_stats(stats: dict[str, dict[str, int]]) -> None:
     if ev["total"]:
         line += f"; {ev['kept']} eval pairs of {ev['total']}"
     console.print(line, highlight=False, soft_wrap=True)
+    spelled = tr.get("special_tokens_in_text", 0) + ev.get("special_tokens_in_text", 0)
+    if spelled:
+        print_warning(special_tokens_line(spelled, special_tokens_in_text))
+
+
+def special_tokens_line(pairs: int, mode: str) -> str:
+    """The data warning for pairs whose text spells a special token (``special_tokens_in_text``)."""
+    how = {"literal": "tokenized as plain text", "parse": "read as control tokens (special_tokens_in_text: parse)"}
+    subject = "1 pair spells" if pairs == 1 else f"{pairs} pairs spell"
+    their = "its" if pairs == 1 else "their"
+    return f"{subject} a special token (such as <|im_end|>) in {their} text: {how.get(mode, mode)}"
 
 
 def print_warning(message: str, to: Console = console) -> None:
@@ -165,6 +176,7 @@ def build_summary(cfg, log_history, data_stats, *, runtime, train_seconds, token
             "train_truncated": ts["truncated"],
             "train_dropped_truncated": ts["dropped_truncated"],
             "train_dropped_identical": ts["dropped_identical"],
+            "train_special_tokens_in_text": ts.get("special_tokens_in_text", 0),
             "eval_used": data_stats["eval"]["kept"],
         },
         "output_dir": cfg.training.output_dir,

@@ -44,11 +44,33 @@ Length limits, in plain words
 
 Pairs whose chosen and rejected ids are identical (after truncation) carry no
 preference signal (zero gradient) and are dropped, counted in ``dropped_identical``.
+
+Text that spells a special token
+    Data text (message contents, replies, the system prompt) may spell one of the
+    tokenizer's special tokens: ``<|im_end|>``, ``<|im_start|>assistant``. With
+    ``special_tokens_in_text="literal"`` (the default) it is tokenized as the plain text it
+    is (the tokenizer's ``split_special_tokens``), so a data row cannot end a turn or open a
+    new one; only the special tokens the chat template writes itself are control tokens.
+    ``"error"`` stops at the first such pair, naming it and the field; ``"parse"`` reads
+    them as control tokens (what tokenizing the rendered text does). Every mode counts the
+    pairs in ``TokenizeStats.special_tokens_in_text``. A text that spells no special token
+    gets exactly the ids it always got: the literal path is taken only for texts that need it
+    (it tokenizes the rendered text piece by piece between the template's own special
+    tokens, the pieces the tokenizer splits the text into anyway; a tokenizer that does not
+    tokenize those pieces independently, such as a SentencePiece one adding its prefix space
+    only at the start of the text, is found on the text itself and named in an error). A
+    plain-model reply that ends with the EOS text keeps that EOS (TRL's rule: no second one).
+
+Bounded work
+    With ``max_length`` set, a text longer than ``MAX_CHARS_PER_TOKEN`` characters per token
+    of ``max_length`` is an error before anything is tokenized: nearly all of it would be
+    cut, and tokenizing 20 MB to keep 128 tokens takes minutes and gigabytes.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +80,8 @@ from preftune.types import Message, PreferencePair, TokenizedPair
 from preftune.util import special_token_strings
 
 __all__ = [
+    "MAX_CHARS_PER_TOKEN",
+    "SPECIAL_TOKEN_MODES",
     "DropReason",
     "TokenizeStats",
     "has_chat_template",
@@ -74,6 +98,21 @@ _SENTINEL = "PreftuneReplySentinelQzx"
 
 # Joins message contents when a message-list prompt meets a tokenizer without a template.
 PLAIN_MESSAGE_SEPARATOR = "\n\n"
+
+# special_tokens_in_text: literal (plain text), error (stop), parse (control tokens).
+SPECIAL_TOKEN_MODES = ("literal", "error", "parse")
+
+# No token of any tokenizer spans this many characters: a text longer than this many characters per
+# token of max_length keeps under 0.1% of itself after truncation.
+MAX_CHARS_PER_TOKEN = 1024
+
+# In "literal" mode every special-token string inside data text is replaced by a placeholder before the
+# template is rendered, so that the text-level steps (rendering, finding the reply, its end-of-turn)
+# see only the template's own special tokens, and put back as plain text when the rendered text is
+# tokenized. U+FDD0 and U+FDD1 are Unicode noncharacters (reserved for a program's internal use); a
+# U+FDD0 already in the data is protected the same way, so no data text can pose as a placeholder.
+_PLACEHOLDER_START, _PLACEHOLDER_END = "\ufdd0", "\ufdd1"
+_PLACEHOLDER_RE = re.compile("\ufdd0(\\d+)\ufdd1")
 
 
 class DropReason(str, enum.Enum):
@@ -92,6 +131,7 @@ class TokenizeStats:
     truncated: int = 0  # kept pairs that lost tokens to the length limits
     dropped_truncated: int = 0
     dropped_identical: int = 0
+    special_tokens_in_text: int = 0  # pairs whose text spells a special token (see special_tokens_in_text)
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,10 +152,59 @@ class _Ctx:
     eos_id: int | None
     bos_id: int | None
     specials: tuple[str, ...] = field(default_factory=tuple)  # special token strings, longest first
+    mode: str = "literal"  # special_tokens_in_text
+    eos_text: str | None = None
+    special_re: re.Pattern | None = None  # any special-token string, longest first
+    protect_re: re.Pattern | None = None  # the same, and the placeholder mark itself (literal mode)
+    protected: tuple[str, ...] = ()  # what placeholder i stands for
+    special_ids: dict[str, list[int]] = field(default_factory=dict)  # the template's own special tokens
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
+def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _ids(ctx: _Ctx, text: str, where: str | None = None) -> list[int]:
+    """Token ids of rendered text. Without placeholders (clean data, or parse/error mode): the
+    tokenizer's own ids of the whole text. With them: the text between the template's special tokens
+    is tokenized without parsing special tokens, the placeholders put back as the text they replaced."""
+    if ctx.mode != "literal" or _PLACEHOLDER_START not in text:
+        return _encode(ctx.tokenizer, text)
+    # Tokenizing piece by piece gives the tokenizer's own ids only if it tokenizes the text between
+    # special tokens independently (byte-level BPE: GPT-2, Llama 3, Qwen, SmolLM2 do; a SentencePiece
+    # tokenizer that adds a prefix space only at the start of the text does not): checked on this very
+    # text with each placeholder as a plain letter, the one thing that differs.
+    neutral = _PLACEHOLDER_RE.sub("x", text)
+    if _pieces(ctx, neutral, restore=False) != _encode(ctx.tokenizer, neutral):
+        raise PreftuneError(
+            "the text spells a special token, and this tokenizer cannot tokenize it as plain text exactly (it does "
+            "not tokenize the text between special tokens independently); set special_tokens_in_text: parse to "
+            "read such text as control tokens, or error to find the pairs",
+            where,
+        )
+    return _pieces(ctx, text, restore=True)
+
+
+def _pieces(ctx: _Ctx, text: str, restore: bool) -> list[int]:
+    assert ctx.special_re is not None
+    out: list[int] = []
+    pos = 0
+    for m in ctx.special_re.finditer(text):
+        out += _literal_ids(ctx, text[pos : m.start()], restore)
+        special = m.group()
+        if special not in ctx.special_ids:  # the tokenizer's own reading of the template's special token
+            ctx.special_ids[special] = _encode(ctx.tokenizer, special)
+        out += ctx.special_ids[special]
+        pos = m.end()
+    return out + _literal_ids(ctx, text[pos:], restore)
+
+
+def _literal_ids(ctx: _Ctx, piece: str, restore: bool) -> list[int]:
+    if not piece:
+        return []
+    if restore:
+        piece = _PLACEHOLDER_RE.sub(lambda m: ctx.protected[int(m.group(1))], piece)
+    return list(ctx.tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 def _leading_special_ids(tokenizer: Any) -> list[int]:
@@ -126,7 +215,7 @@ def _leading_special_ids(tokenizer: Any) -> list[int]:
     """
     probe = "a"
     with_special = list(tokenizer(probe)["input_ids"])
-    plain = _ids(tokenizer, probe)
+    plain = _encode(tokenizer, probe)
     if not plain:
         return []
     for off in range(len(with_special) - len(plain) + 1):
@@ -135,16 +224,123 @@ def _leading_special_ids(tokenizer: Any) -> list[int]:
     return []
 
 
-def _make_ctx(tokenizer: Any) -> _Ctx:
+def _check_mode(mode: Any) -> str:
+    if mode not in SPECIAL_TOKEN_MODES:
+        raise PreftuneError(f"special_tokens_in_text must be one of {', '.join(SPECIAL_TOKEN_MODES)}, got {mode!r}")
+    return mode
+
+
+def _make_ctx(tokenizer: Any, mode: str = "literal") -> _Ctx:
     chat = has_chat_template(tokenizer)
-    return _Ctx(
+    specials = special_token_strings(tokenizer)
+    ctx = _Ctx(
         tokenizer=tokenizer,
         chat=chat,
         lead_ids=[] if chat else _leading_special_ids(tokenizer),
         eos_id=getattr(tokenizer, "eos_token_id", None),
         bos_id=getattr(tokenizer, "bos_token_id", None),
-        specials=special_token_strings(tokenizer),
+        specials=specials,
+        mode=_check_mode(mode),
+        eos_text=getattr(tokenizer, "eos_token", None) or None,
     )
+    if specials:
+        ctx.special_re = re.compile("|".join(map(re.escape, specials)))  # longest first: the longest match wins
+        ctx.protected = specials + (_PLACEHOLDER_START,)
+        ctx.protect_re = re.compile("|".join(map(re.escape, ctx.protected)))
+    return ctx
+
+
+def _protect(ctx: _Ctx, text: str) -> tuple[str, bool]:
+    """(text for rendering, whether it spells a special token). Literal mode replaces each special
+    token string with its placeholder; the other modes leave the text as it is."""
+    if ctx.special_re is None:
+        return text, False
+    if ctx.mode != "literal":
+        return text, ctx.special_re.search(text) is not None
+    assert ctx.protect_re is not None
+    index = {s: i for i, s in enumerate(ctx.protected)}
+    found = False
+
+    def placeholder(m: re.Match) -> str:
+        nonlocal found
+        found = found or m.group() != _PLACEHOLDER_START
+        return f"{_PLACEHOLDER_START}{index[m.group()]}{_PLACEHOLDER_END}"
+
+    return ctx.protect_re.sub(placeholder, text), found
+
+
+@dataclass
+class _Texts:
+    """A pair's texts as they go into the template (placeholders in literal mode)."""
+
+    prompt: Any
+    chosen: str
+    rejected: str
+    system_prompt: str | None
+    spells_special: bool  # some text spells a special token
+
+
+def _pair_texts(ctx: _Ctx, pair: PreferencePair, system_prompt: str | None, where: str | None) -> _Texts:
+    found = False
+
+    def one(text: Any, label: str, reply: bool = False) -> Any:
+        nonlocal found
+        if not isinstance(text, str):
+            return text
+        eos = ctx.eos_text
+        if reply and not ctx.chat and eos and text.endswith(eos):
+            # plain models, as TRL: a reply that already ends with the EOS text ends with EOS (no second one)
+            return one(text[: -len(eos)], label) + eos
+        new, hit = _protect(ctx, text)
+        if hit:
+            found = True
+            if ctx.mode == "error":
+                assert ctx.special_re is not None
+                token = ctx.special_re.search(text).group()
+                raise PreftuneError(
+                    f"{label} spells the special token {token!r}; set special_tokens_in_text: literal to read it "
+                    "as plain text, or parse to read it as the control token",
+                    where if label != "system_prompt" else None,
+                )
+        return new
+
+    prompt = pair.prompt
+    if isinstance(prompt, str):
+        prompt = one(prompt, "field 'prompt'")
+    elif isinstance(prompt, list):
+        prompt = [
+            {**m, "content": one(m.get("content"), f"prompt message {i}")} if isinstance(m, dict) else m
+            for i, m in enumerate(prompt, start=1)
+        ]
+    chosen = one(pair.chosen, "field 'chosen'", reply=True)
+    rejected = one(pair.rejected, "field 'rejected'", reply=True)
+    system = one(system_prompt, "system_prompt") if system_prompt is not None else None
+    return _Texts(prompt, chosen, rejected, system, found)
+
+
+def _check_text_lengths(pair: PreferencePair, system_prompt: str | None, max_length: int | None) -> None:
+    """A text too long to keep more than a sliver of is refused before it is tokenized."""
+    if max_length is None:
+        return
+    limit = max_length * MAX_CHARS_PER_TOKEN
+
+    def chars(text: Any) -> int:
+        return len(text) if isinstance(text, str) else 0
+
+    prompt = pair.prompt
+    if isinstance(prompt, list):
+        prompt_chars = sum(chars(m.get("content")) for m in prompt if isinstance(m, dict))
+    else:
+        prompt_chars = chars(prompt)
+    texts = [("field 'prompt'", prompt_chars), ("field 'chosen'", chars(pair.chosen)),
+             ("field 'rejected'", chars(pair.rejected)), ("system_prompt", chars(system_prompt))]  # fmt: skip
+    for label, count in texts:
+        if count > limit:
+            raise PreftuneError(
+                f"{label} has {count:,} characters, more than {MAX_CHARS_PER_TOKEN} per token of max_length "
+                f"({max_length}): nearly all of it would be cut; shorten it or raise max_length",
+                pair.source or None if label != "system_prompt" else None,  # the config's, not the pair's
+            )
 
 
 def _require_eos(ctx: _Ctx, where: str | None) -> int:
@@ -193,19 +389,27 @@ def _render_prompt(
     messages = _prompt_messages(prompt, system_prompt, where)
     if ctx.chat:
         text = _apply_template(ctx, messages, generation=True, where=where)
-        return messages, text, _ids(ctx.tokenizer, text)
+        return messages, text, _ids(ctx, text, where)
     if isinstance(prompt, str) and system_prompt is None:
         text = prompt  # the common case, spelled out: no joining involved
     else:
         text = PLAIN_MESSAGE_SEPARATOR.join(str(m.get("content", "")) for m in messages)
-    return messages, text, ctx.lead_ids + _ids(ctx.tokenizer, text)
+    return messages, text, ctx.lead_ids + _ids(ctx, text, where)
 
 
-def render_prompt(prompt: str | list[Message], tokenizer: Any, system_prompt: str | None = None) -> list[int]:
+def render_prompt(
+    prompt: str | list[Message],
+    tokenizer: Any,
+    system_prompt: str | None = None,
+    *,
+    special_tokens_in_text: str = "literal",
+) -> list[int]:
     """Prompt token ids as used for generation: the same ``prompt_ids`` that
     :func:`tokenize_pair` produces before truncation (chat template with
     ``add_generation_prompt=True``, or plain text with the tokenizer's BOS)."""
-    return _render_prompt(_make_ctx(tokenizer), prompt, system_prompt, None)[2]
+    ctx = _make_ctx(tokenizer, special_tokens_in_text)
+    texts = _pair_texts(ctx, PreferencePair(prompt, "", ""), system_prompt, None)
+    return _render_prompt(ctx, texts.prompt, texts.system_prompt, None)[2]
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,17 +496,19 @@ def _chat_completion_text(
     return comp, True
 
 
-def _split_completion(ctx: _Ctx, prompt_text: str, prompt_ids: list[int], comp_text: str) -> list[int]:
+def _split_completion(
+    ctx: _Ctx, prompt_text: str, prompt_ids: list[int], comp_text: str, where: str | None = None
+) -> list[int]:
     """Completion ids such that ``prompt_ids + result`` is the training sequence.
 
     Tokenizes the full text once and splits after the prompt when the prompt ids are a
     prefix; otherwise (merge across the boundary) tokenizes the completion on its own.
     """
-    full_ids = ctx.lead_ids + _ids(ctx.tokenizer, prompt_text + comp_text)
+    full_ids = ctx.lead_ids + _ids(ctx, prompt_text + comp_text, where)
     n = len(prompt_ids)
     if full_ids[:n] == prompt_ids:
         return full_ids[n:]
-    return _ids(ctx.tokenizer, comp_text)
+    return _ids(ctx, comp_text, where)
 
 
 def _completion_ids(
@@ -319,7 +525,7 @@ def _completion_ids(
         comp_text, append_eos = _chat_completion_text(ctx, messages, prompt_text, reply, shape, where)
     else:
         comp_text, append_eos = reply, True
-    ids = _split_completion(ctx, prompt_text, prompt_ids, comp_text)
+    ids = _split_completion(ctx, prompt_text, prompt_ids, comp_text, where)
     if append_eos:
         eos = _require_eos(ctx, where)
         if not ids or ids[-1] != eos:  # TRL: no second EOS when the text already ends with it
@@ -359,12 +565,27 @@ def _tokenize_pair(
     system_prompt: str | None,
     max_length: int | None,
     max_prompt_length: int | None,
-) -> tuple[TokenizedPair | None, DropReason | None]:
+) -> tuple[TokenizedPair | None, DropReason | None, bool]:
+    """(pair or None, why it was dropped, whether its text spells a special token)."""
     where = pair.source or None
-    messages, prompt_text, prompt_ids = _render_prompt(ctx, pair.prompt, system_prompt, where)
+    _check_text_lengths(pair, system_prompt, max_length)
+    texts = _pair_texts(ctx, pair, system_prompt, where)
+    tp, reason = _tokenize_texts(ctx, pair, texts, max_length, max_prompt_length, where)
+    return tp, reason, texts.spells_special
+
+
+def _tokenize_texts(
+    ctx: _Ctx,
+    pair: PreferencePair,
+    texts: _Texts,
+    max_length: int | None,
+    max_prompt_length: int | None,
+    where: str | None,
+) -> tuple[TokenizedPair | None, DropReason | None]:
+    messages, prompt_text, prompt_ids = _render_prompt(ctx, texts.prompt, texts.system_prompt, where)
     shape = _turn_shape(ctx, messages, where) if ctx.chat else None
-    chosen = _completion_ids(ctx, messages, prompt_text, prompt_ids, pair.chosen, shape, where)
-    rejected = _completion_ids(ctx, messages, prompt_text, prompt_ids, pair.rejected, shape, where)
+    chosen = _completion_ids(ctx, messages, prompt_text, prompt_ids, texts.chosen, shape, where)
+    rejected = _completion_ids(ctx, messages, prompt_text, prompt_ids, texts.rejected, shape, where)
     if chosen == rejected:
         return None, DropReason.IDENTICAL
 
@@ -400,10 +621,12 @@ def tokenize_pair_with_reason(
     system_prompt: str | None = None,
     max_length: int | None = 1024,
     max_prompt_length: int | None = None,
+    special_tokens_in_text: str = "literal",
 ) -> tuple[TokenizedPair | None, DropReason | None]:
     """Like :func:`tokenize_pair`, also saying why a pair was dropped (``None`` when kept)."""
     _check_limits(max_length, max_prompt_length)
-    return _tokenize_pair(_make_ctx(tokenizer), pair, system_prompt, max_length, max_prompt_length)
+    ctx = _make_ctx(tokenizer, special_tokens_in_text)
+    return _tokenize_pair(ctx, pair, system_prompt, max_length, max_prompt_length)[:2]
 
 
 def tokenize_pair(
@@ -413,11 +636,13 @@ def tokenize_pair(
     system_prompt: str | None = None,
     max_length: int | None = 1024,
     max_prompt_length: int | None = None,
+    special_tokens_in_text: str = "literal",
 ) -> TokenizedPair | None:
     """Token ids of one pair, or ``None`` when it is dropped (see the module docstring)."""
     return tokenize_pair_with_reason(
-        pair, tokenizer, system_prompt=system_prompt, max_length=max_length, max_prompt_length=max_prompt_length
-    )[0]
+        pair, tokenizer, system_prompt=system_prompt, max_length=max_length, max_prompt_length=max_prompt_length,
+        special_tokens_in_text=special_tokens_in_text,
+    )[0]  # fmt: skip
 
 
 def tokenize_pairs(
@@ -427,15 +652,17 @@ def tokenize_pairs(
     system_prompt: str | None = None,
     max_length: int | None = 1024,
     max_prompt_length: int | None = None,
+    special_tokens_in_text: str = "literal",
 ) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize many pairs; returns the kept ones (in order) and counts of what happened."""
     _check_limits(max_length, max_prompt_length)
-    ctx = _make_ctx(tokenizer)
+    ctx = _make_ctx(tokenizer, special_tokens_in_text)
     stats = TokenizeStats()
     out: list[TokenizedPair] = []
     for pair in pairs:
         stats.total += 1
-        tp, reason = _tokenize_pair(ctx, pair, system_prompt, max_length, max_prompt_length)
+        tp, reason, spells_special = _tokenize_pair(ctx, pair, system_prompt, max_length, max_prompt_length)
+        stats.special_tokens_in_text += int(spells_special)
         if reason is DropReason.TRUNCATED:
             stats.dropped_truncated += 1
         elif reason is DropReason.IDENTICAL:

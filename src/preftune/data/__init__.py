@@ -44,7 +44,7 @@ entry points re-exported here).
 
 from preftune.data.formats import FORMATS, detect_format
 from preftune.data.llamafactory import load_llamafactory
-from preftune.data.load import load_pairs, split_eval
+from preftune.data.load import load_pairs, require_eval_pairs, split_eval
 from preftune.data.readers import FILE_TYPES
 
 __all__ = [
@@ -54,4 +54,5 @@ __all__ = [
     "load_llamafactory",
     "detect_format",
     "split_eval",
+    "require_eval_pairs",
 ]

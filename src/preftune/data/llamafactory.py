@@ -9,14 +9,14 @@
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Any
 
-from preftune.data.common import data_error, type_name
+from preftune.data.common import data_error, loads_strict, type_name
 from preftune.data.formats import CANONICAL, SHAREGPT_TAGS, Spec, convert
-from preftune.data.readers import check_not_csv, decode_text, is_save_to_disk_dir, json_error, read_bytes, read_file
-from preftune.errors import PreftuneError
+from preftune.data.readers import check_not_csv, decode_text, is_save_to_disk_dir, read_bytes, read_file
+from preftune.errors import PreftuneError, shown
 from preftune.types import PreferencePair
 from preftune.util import did_you_mean
 
@@ -58,10 +58,7 @@ def load_llamafactory(dataset: str, dataset_dir: str | Path) -> list[PreferenceP
     if not info_path.is_file():
         raise data_error("file not found (dataset_dir must hold LLaMA-Factory's dataset_info.json)", info_label)
     text = decode_text(read_bytes(info_path, info_label), info_label)
-    try:
-        info = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise json_error(e, info_label) from None
+    info = loads_strict(text, info_label)
     if not isinstance(info, dict):
         raise data_error(f"expected an object of dataset entries, got {type_name(info)}", info_label)
 
@@ -168,12 +165,52 @@ LLAMAFACTORY_ALIASES = {
     "lora_rank": "lora_r",
     "val_size": "eval_split",
 }
-# Keys of LLaMA-Factory / HF TrainingArguments that carry no meaning here; accepted and ignored.
-IGNORED_KEYS = {
-    "do_train", "do_eval", "overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers",
-    "plot_loss", "report_to", "ddp_timeout", "eval_strategy", "evaluation_strategy", "save_strategy",
-    "logging_strategy", "save_only_model", "flash_attn", "run_name", "logging_dir", "remove_unused_columns",
-}  # fmt: skip
+# Keys of LLaMA-Factory / HF TrainingArguments that carry no meaning here: accepted, and each one
+# found prints one warning line at config load saying it has no effect (the reason says what does).
+IGNORED_KEYS: dict[str, str] = {
+    "do_train": "preftune train always trains",
+    "do_eval": "evaluation runs whenever eval_file or eval_split is set",
+    "overwrite_cache": "preftune keeps no dataset cache",
+    "preprocessing_num_workers": "data is tokenized in the training process",
+    "dataloader_num_workers": "batches are built in the training process",
+    "plot_loss": "training_curves.png is always written",
+    "eval_strategy": "evaluation follows eval_steps",
+    "evaluation_strategy": "evaluation follows eval_steps",
+    "save_strategy": "checkpoints follow save_steps",
+    "logging_strategy": "logging follows logging_steps",
+    "save_only_model": "checkpoints always hold what a resume needs",
+    "flash_attn": "preftune chooses the attention implementation",
+    "run_name": "runs are named by output_dir",
+    "logging_dir": "logs go to output_dir (TensorBoard files to output_dir/runs with report_to: tensorboard)",
+    "remove_unused_columns": "preftune reads only the columns it needs",
+}
+
+
+def ignored_key_warnings(raw: dict[str, Any]) -> list[str]:
+    """One line per ignored key in ``raw``: it has no effect here, and what does."""
+    return [f"'{key}' has no effect in preftune ({reason}); ignored" for key, reason in IGNORED_KEYS.items()
+            if key in raw]  # fmt: skip
+
+
+def _number(value: Any, key: str, where: str | None) -> float:
+    """A finite number >= 0 (YAML reads ``5e-1``, without a dot, as a string: accepted)."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None:
+        raise PreftuneError(f"'{key}' must be a number, got {type_name(value)}", where)
+    try:
+        number = float(number)
+    except OverflowError:
+        number = math.inf
+    if not (math.isfinite(number) and number >= 0):
+        raise PreftuneError(f"'{key}' must be a finite number >= 0", where)
+    return number
 
 
 def translate_config_keys(raw: dict[str, Any], where: str | None) -> dict[str, Any]:
@@ -181,13 +218,19 @@ def translate_config_keys(raw: dict[str, Any], where: str | None) -> dict[str, A
     out: dict[str, Any] = {}
     stage = raw.get("stage")
     if stage is not None and stage != "dpo":
-        raise PreftuneError(f"'stage: {stage}' is not supported; preftune runs stage: dpo", where)
+        named = stage if isinstance(stage, str) and len(stage) <= 60 else shown(stage)
+        raise PreftuneError(f"'stage: {named}' is not supported; preftune runs stage: dpo", where)
     pref_ftx = raw.get("pref_ftx")
+    if pref_ftx is not None:
+        pref_ftx = _number(pref_ftx, "pref_ftx", where)
     for key, value in raw.items():
         if key in ("stage", "pref_ftx") or key in IGNORED_KEYS:
             continue
         if key == "pref_loss" and value == "kto_pair":
             raise PreftuneError("pref_loss 'kto_pair' is not supported; use sigmoid, hinge, ipo, orpo or simpo", where)
+        if key == "deepspeed":
+            raise PreftuneError("'deepspeed' is not supported; under torchrun use 'distributed: fsdp' (FSDP2) to "
+                                "shard the model, or 'distributed: ddp'", where)  # fmt: skip
         if key == "eval_dataset":
             raise PreftuneError("'eval_dataset' is not supported; use eval_file or val_size", where)
         out[LLAMAFACTORY_ALIASES.get(key, key)] = value

@@ -54,7 +54,8 @@ def split_eval(
     """Split ``pairs`` into (train, eval) with a seeded random choice of eval pairs.
 
     Eval gets ``round(fraction * n)`` pairs, at least 1 when ``fraction > 0`` and
-    ``n >= 2``, and at most ``n - 1`` so training keeps at least one pair.  Both lists keep
+    ``n >= 2``, and at most ``n - 1`` so training keeps at least one pair; a single pair
+    with ``fraction > 0`` is an error (no pair would be held out).  Both lists keep
     the input order.  The same pairs, fraction and seed always give the same split (only
     ``random.Random(seed).random()`` is used, which Python keeps stable across versions).
     """
@@ -63,6 +64,12 @@ def split_eval(
     if not 0 <= fraction < 1:
         raise data_error(f"eval fraction must be from 0 up to (not including) 1, got {fraction}", None)
     n = len(pairs)
+    if fraction > 0 and n == 1:
+        raise data_error(
+            f"eval_split {fraction} holds out no pair: the training data has only 1 pair (one is needed for "
+            "training and one for evaluation); set eval_split: 0 or give an eval_file",
+            pairs[0].source or None,
+        )
     if fraction == 0 or n < 2:
         return list(pairs), []
     n_eval = min(max(1, round(fraction * n)), n - 1)
@@ -72,3 +79,18 @@ def split_eval(
     train = [p for i, p in enumerate(pairs) if i not in chosen]
     held = [p for i, p in enumerate(pairs) if i in chosen]
     return train, held
+
+
+def require_eval_pairs(stats: dict[str, int], what: str, max_length: int | None = None) -> None:
+    """Stop before training when evaluation data was given but none of it survived tokenization:
+    ``stats`` is ``vars(TokenizeStats)`` of the eval pairs, ``what`` names where they came from (the
+    eval file, or ``"eval_split 0.1"``). Without this the run trains to the end and only then finds it
+    has nothing to evaluate."""
+    if stats.get("total", 0) == 0 or stats.get("kept", 0) > 0:
+        return
+    limit = f" (max_length={max_length})" if max_length is not None else ""
+    raise data_error(
+        f"no usable eval pair: {stats['total']} loaded, {stats.get('dropped_truncated', 0)} dropped by "
+        f"truncation{limit}, {stats.get('dropped_identical', 0)} with chosen == rejected",
+        what,
+    )

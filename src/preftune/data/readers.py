@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from preftune.data.common import data_error, first_line, keys_list, type_name
+from preftune.data.common import STRICT_JSON, data_error, first_line, keys_list, strict_json_problem, type_name
 from preftune.errors import PreftuneError
 from preftune.util import did_you_mean
 
@@ -61,12 +61,14 @@ def _read_jsonl_text(text: str, label: str) -> list[tuple[str, Any]]:
             continue
         where = f"{label}:{lineno}"
         try:
-            record = json.loads(stripped)
+            record = STRICT_JSON.decode(stripped)
         except json.JSONDecodeError as e:
             hint = ""
             if stripped in ("[", "{", "[{") or e.pos >= len(stripped):
                 hint = "; JSON Lines needs one complete object per line"
             raise data_error(f"invalid JSON ({e.msg}: column {e.colno}){hint}", where) from None
+        except (ValueError, RecursionError) as e:
+            raise data_error(strict_json_problem(e) or first_line(e), where) from None
         if not isinstance(record, dict):
             hint = " (a JSON array belongs in a .json file)" if isinstance(record, list) else ""
             raise data_error(f"expected a JSON object, got {type_name(record)}{hint}", where)
@@ -74,12 +76,13 @@ def _read_jsonl_text(text: str, label: str) -> list[tuple[str, Any]]:
     return records
 
 
-def _json_array_with_lines(text: str) -> list[tuple[int, Any]]:
+def _json_array_with_lines(text: str, label: str) -> list[tuple[int, Any]]:
     """Parse a JSON array, returning (line of the element's start, element) pairs.
 
-    Raises ValueError (or JSONDecodeError) when ``text`` is not a JSON array.
+    Raises ValueError (or JSONDecodeError) when ``text`` is not a JSON array, and a one-line
+    :class:`PreftuneError` naming the element's line for a value :data:`STRICT_JSON` refuses.
     """
-    decoder = json.JSONDecoder()
+    decoder = STRICT_JSON
     i = _WS.match(text, 0).end()
     if text[i : i + 1] != "[":
         raise ValueError("not an array")
@@ -92,7 +95,13 @@ def _json_array_with_lines(text: str) -> list[tuple[int, Any]]:
         while True:
             line += text.count("\n", pos, i)
             pos = i
-            value, end = decoder.raw_decode(text, i)
+            try:
+                value, end = decoder.raw_decode(text, i)
+            except (ValueError, RecursionError) as e:
+                problem = strict_json_problem(e)
+                if problem is None:
+                    raise
+                raise data_error(problem, f"{label}:{line} (record {len(items) + 1})") from None
             items.append((line, value))
             i = _WS.match(text, end).end()
             if text[i : i + 1] == ",":
@@ -109,7 +118,7 @@ def _json_array_with_lines(text: str) -> list[tuple[int, Any]]:
 
 def _read_json_text(text: str, label: str) -> list[tuple[str, Any]]:
     try:
-        items = _json_array_with_lines(text)
+        items = _json_array_with_lines(text, label)
     except (ValueError, IndexError):
         items = None
     if items is not None:
@@ -121,11 +130,13 @@ def _read_json_text(text: str, label: str) -> list[tuple[str, Any]]:
             out.append((where, record))
         return out
     try:
-        data = json.loads(text)
+        data = STRICT_JSON.decode(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
             return _read_jsonl_text(text, label)  # JSON Lines saved as .json (e.g. Dataset.to_json)
         raise json_error(e, label) from None
+    except (ValueError, RecursionError) as e:
+        raise data_error(strict_json_problem(e) or first_line(e), label) from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         hint = f"; the records seem to be under '{lists[0]}': make that list the whole file" if len(lists) == 1 else ""
@@ -133,7 +144,69 @@ def _read_json_text(text: str, label: str) -> list[tuple[str, Any]]:
     raise data_error(f"expected a JSON array of records, got {type_name(data)}", label)
 
 
+def _line_of(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def _check_csv_text(text: str, label: str) -> None:
+    """NUL bytes and a header that is not comma-separated, named before the rows are read."""
+    nul = text.find("\x00")
+    if nul != -1:
+        hint = " (a UTF-16 file without a byte-order mark? re-save it as UTF-8)" if text.count("\x00") > 8 else ""
+        raise data_error(f"a NUL byte in a cell; CSV cells must be text{hint}", f"{label}:{_line_of(text, nul)}")
+    header_line = text.split("\n", 1)[0]
+    if "," not in header_line:
+        for sep, name in ((";", "semicolons"), ("\t", "tabs")):
+            if sep in header_line:
+                raise data_error(
+                    f"the header is separated by {name}, not commas; preftune reads comma-separated CSV "
+                    "(save it with ',' between cells, or as .jsonl)",
+                    f"{label}:1",
+                )
+
+
+def _unclosed_quote_line(text: str) -> int | None:
+    """The line of the row whose quoted cell is never closed (it runs to the end of the file), or None.
+    An odd number of quote characters is the sign (a stray quote inside an unquoted cell, as in
+    ``12" pizza``, is one too); a strict re-read tells which."""
+    if text.count('"') % 2 == 0:
+        return None
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 1
+    while True:
+        try:
+            next(reader)
+        except StopIteration:
+            return None
+        except csv.Error as e:
+            return start if "unexpected end of data" in str(e) else None
+        start = reader.line_num + 1
+
+
+def _unclosed_quote_error(line: int, label: str, detail: str = "") -> PreftuneError:
+    where = f"{label}:{line}"
+    return data_error(f"unclosed quote: a quoted cell in this row runs to the end of the file{detail}", where)
+
+
+def _cell_count_error(text: str, row: list[str], header: list[str], start: int, label: str) -> PreftuneError:
+    """Why a row has the wrong number of cells: an unclosed quote swallows the rest of the file (or
+    the rows up to the next quote) into one cell, which "row has 1 cells" does not say."""
+    where = f"{label}:{start}"
+    unclosed = _unclosed_quote_line(text)
+    if unclosed is not None:
+        return _unclosed_quote_error(unclosed, label, f" ({len(row)} cells read, the header has {len(header)} columns)")
+    spans = max((c.count("\n") for c in row), default=0)
+    if spans:
+        return data_error(
+            f"row has {len(row)} cells but the header has {len(header)} columns; a quoted cell spans "
+            f"{spans + 1} lines (lines {start}-{start + spans}): is a quote unclosed?",
+            where,
+        )
+    return data_error(f"row has {len(row)} cells but the header has {len(header)} columns", where)
+
+
 def _read_csv_text(text: str, label: str) -> list[tuple[str, Any]]:
+    _check_csv_text(text, label)
     old_limit = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)  # long completions exceed the 128 KiB default
     try:
@@ -153,7 +226,7 @@ def _read_csv_text(text: str, label: str) -> list[tuple[str, Any]]:
         records = []
         start = reader.line_num + 1
         while True:
-            where = f"{label}:{start}"
+            row_start, where = start, f"{label}:{start}"
             try:
                 row = next(reader)
             except StopIteration:
@@ -166,8 +239,11 @@ def _read_csv_text(text: str, label: str) -> list[tuple[str, Any]]:
             if len(row) > len(header) and not any(c.strip() for c in row[len(header) :]):
                 row = row[: len(header)]  # trailing empty cells, as spreadsheets export them
             if len(row) != len(header):
-                raise data_error(f"row has {len(row)} cells but the header has {len(header)} columns", where)
+                raise _cell_count_error(text, row, header, row_start, label)
             records.append((where, dict(zip(header, row))))
+        unclosed = _unclosed_quote_line(text)  # the last cell of the last row swallowed the rest of the file
+        if unclosed is not None:
+            raise _unclosed_quote_error(unclosed, label)
         return records
     finally:
         csv.field_size_limit(old_limit)
@@ -214,6 +290,12 @@ def _read_save_to_disk(path: Path, label: str) -> list[tuple[str, Any]]:
 
 def read_file(path: Path, label: str) -> list[tuple[str, Any]]:
     """Records of one file or save_to_disk directory as (where, record) pairs."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass  # named below, with the closest file name
+    except (OSError, ValueError) as e:  # a name too long, a NUL in the path, no permission, ...
+        raise data_error(f"cannot read the file ({getattr(e, 'strerror', None) or first_line(e)})", label) from None
     if path.is_dir():
         if is_save_to_disk_dir(path):
             return _read_save_to_disk(path, label)

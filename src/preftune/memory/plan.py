@@ -47,24 +47,26 @@ class MemoryPlan:
     _attention_models: list[weakref.ref] = field(default_factory=list)
     swiglu_mlps: list[nn.Module] = field(default_factory=list)
     _holding_grads: bool = False
+    notes: list[str] = field(default_factory=list)  # a trick turned off, and why (printed, in summary.json)
 
     @classmethod
     def apply(cls, cfg: TrainConfig, model: nn.Module, reference: Reference | None, device: torch.device, *,
-              precompute_reference: bool) -> MemoryPlan:  # fmt: skip
+              precompute_reference: bool, distributed: bool = False) -> MemoryPlan:  # fmt: skip
         """Apply the tricks ``cfg`` turns on to the policy (and the frozen reference copy, if any).
 
         ``precompute_reference``: the reference log-probs are computed once before training, so a
-        frozen reference copy only serves that and may be compacted too."""
+        frozen reference copy only serves that and may be compacted too. ``distributed``: several
+        ranks sum their gradients, which must then all be in ``.grad``."""
         plan = cls()
         try:
-            plan._apply(cfg, model, reference, device, precompute_reference)
+            plan._apply(cfg, model, reference, device, precompute_reference, distributed)
         except BaseException:
             plan.close()  # a half-applied plan takes off what it had put on
             raise
         return plan
 
     def _apply(self, cfg: TrainConfig, model: nn.Module, reference: Reference | None, device: torch.device,
-               precompute_reference: bool) -> None:  # fmt: skip
+               precompute_reference: bool, distributed: bool) -> None:  # fmt: skip
         t, plan = cfg.training, self
         amp_dtype = autocast_dtype(cfg)
         frozen = reference.frozen if reference is not None else None
@@ -79,7 +81,10 @@ class MemoryPlan:
             compact_frozen_linears(frozen, amp_dtype)  # dropped after the precompute: never restored
         if t.fused_swiglu and not cfg.model.gradient_checkpointing:
             plan.swiglu_mlps = enable_swiglu(model)
-        if t.bf16_weight_grads and amp_dtype == torch.bfloat16 and cfg.model.finetuning_type == "full":
+        bf16_grads = t.bf16_weight_grads and amp_dtype == torch.bfloat16 and cfg.model.finetuning_type == "full"
+        if bf16_grads and distributed:  # its gradients live outside .grad, where the ranks' sum would miss them
+            plan.notes.append("bf16_weight_grads off under torchrun: gradients are summed over the ranks in .grad")
+        elif bf16_grads:
             plan.bf16_grads = Bf16WeightGrads(model)
             plan._holding_grads = True
 
@@ -111,6 +116,8 @@ class MemoryPlan:
         out["heap_trims"] = self.trimmer.trims
         out["short_row_attention_layers"] = self.short_row_layers
         out["fused_swiglu_layers"] = len(self.swiglu_mlps)
+        if self.notes:
+            out["memory_plan_notes"] = list(self.notes)
         if self.bf16_grads is not None:
             held = self.bf16_grads
             out["bf16_weight_grads"] = {"weights": len(held.handles), "kept_fp32": len(held.fp32_only),

@@ -6,7 +6,32 @@ import json
 from typing import Any
 
 from preftune import report
-from preftune.modeling import Reference, load_causal_lm, weight_dtype
+from preftune.distributed import Ranks, full_model_state
+from preftune.memory import peak_gpu_mb, peak_rss_mb
+from preftune.training.metrics import TOKENS_COUNTED
+from preftune.modeling import Reference, load_causal_lm, save_final, weight_dtype
+
+
+def write_final(cfg, model, reference, tokenizer, eval_pairs, eval_prompts, model_path, device, out,
+                ranks: Ranks, *, sharded: bool) -> None:  # fmt: skip
+    """The final report and final/ (adapter/ for LoRA), written by rank 0; an FSDP2-sharded model is
+    gathered whole first (every rank takes part)."""
+    if sharded:
+        model = consolidated_model(model, cfg, model_path, device)
+    if ranks.is_main:
+        final_report(cfg, model, reference, tokenizer, eval_pairs, eval_prompts, model_path, device, out)
+        save_final(model, tokenizer, out, is_lora=cfg.model.finetuning_type == "lora")  # merges in place
+
+
+def consolidated_model(sharded, cfg, model_path, device):
+    """The FSDP2-sharded policy whole again, as a plain model on rank 0 (None on the others; every
+    rank must call this): what the report scores and final/ holds, one safetensors model."""
+    state = full_model_state(sharded)
+    if state is None:
+        return None
+    model = load_causal_lm(model_path, cfg.model, weight_dtype(cfg.model, device), device)
+    model.load_state_dict(state)
+    return model
 
 
 def final_report(cfg, model, reference, tokenizer, eval_pairs, eval_prompts, model_path, device, out) -> None:
@@ -41,3 +66,22 @@ def final_report(cfg, model, reference, tokenizer, eval_pairs, eval_prompts, mod
     (out / "report.md").write_text(evaluation.report_markdown(result))
     if cfg.training.progress:
         evaluation.print_tables(result, report.console)
+
+
+def run_summary(cfg, log_history, data_stats, ranks: Ranks, device, *, runtime, train_seconds, tokens_seen,
+                last_step, precision, ref_logps, plan) -> dict[str, Any]:  # fmt: skip
+    """summary.json (every rank calls it: peak memory is the fullest rank's)."""
+    peak_rss, peak_gpu = ranks.max([peak_rss_mb(), peak_gpu_mb(device) or 0.0])
+    summary = report.build_summary(
+        cfg, log_history, data_stats, runtime=runtime, train_seconds=train_seconds, tokens_seen=tokens_seen,
+        peak_rss_mb=peak_rss, peak_gpu_mb=peak_gpu if device.type == "cuda" else None, total_steps=last_step,
+        device=str(device), reference_mode=ref_logps.mode,
+    )  # fmt: skip
+    summary["tokens_counted"] = TOKENS_COUNTED
+    summary["world_size"] = ranks.world_size
+    if ranks.enabled:
+        summary["distributed"] = cfg.training.distributed
+    summary["precision"] = report.precision_record(precision)
+    summary["reference_seconds"] = round(ref_logps.seconds, 2)
+    summary.update(plan.summary())  # what the memory plan did
+    return summary

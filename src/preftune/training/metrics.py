@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from preftune import losses
 from preftune.config import TrainConfig
+from preftune.distributed import Ranks
 from preftune.forward import PairForward
 from preftune.refcache import RefLogps
 from preftune.types import TokenizedPair
@@ -40,9 +41,13 @@ def pair_logps(pol: PairForward, ref: RefLogps | None, chosen_tokens_mean: float
     )
 
 
+TOKENS_COUNTED = "P + C + R per pair: the prompt once, as the packed fast path feeds it"
+
+
 def sequence_tokens(pairs: list[TokenizedPair]) -> int:
-    """Tokens of the chosen and rejected sequences (2P + C + R), whichever path computes them."""
-    return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    """Tokens of the pairs as ``TOKENS_COUNTED`` says (the padded path feeds the prompt twice, which is
+    not counted twice: the same pairs give the same rate whichever path computes them)."""
+    return sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
 
 
 @dataclass
@@ -78,6 +83,35 @@ class StepMetrics:
         self.chosen_tokens += pol.chosen.tokens.sum().item()
         self.rejected_tokens += pol.rejected.tokens.sum().item()
 
+    def sum_over_ranks(self, ranks: Ranks) -> None:
+        """The sums and counts of every rank's pairs (the step's loss and norm are global already)."""
+        keys = list(self.sums)
+        values = [self.sums[k] for k in keys] + [self.pairs, self.chosen_tokens, self.rejected_tokens, self.tokens]
+        summed = ranks.sum(values)
+        self.sums = dict(zip(keys, summed[: len(keys)]))
+        pairs, self.chosen_tokens, self.rejected_tokens, tokens = summed[len(keys) :]
+        self.pairs, self.tokens = int(pairs), int(tokens)
+
+    def state(self, ranks: Ranks) -> dict[str, Any]:
+        """What a checkpoint keeps of a partly filled window: the sums over all ranks (every rank
+        must call this: it is a collective)."""
+        total = StepMetrics(dict(self.sums), self.pairs, self.chosen_tokens, self.rejected_tokens, self.loss,
+                            self.grad_norm, self.steps, self.tokens, self.seconds)  # fmt: skip
+        total.sum_over_ranks(ranks)
+        return asdict(total)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None, ranks: Ranks) -> StepMetrics:
+        """The window a checkpoint kept; its per-pair sums on rank 0 only (they are summed over the
+        ranks again at the next log), the step-level values (global already) on every rank."""
+        if not state:
+            return cls()
+        window = cls(**state)
+        if not ranks.is_main:
+            window.sums = {k: 0.0 for k in METRIC_KEYS}
+            window.pairs, window.chosen_tokens, window.rejected_tokens, window.tokens = 0, 0.0, 0.0, 0
+        return window
+
     def add_step(self, loss: float, grad_norm: float, seconds: float) -> None:
         self.loss += loss
         self.grad_norm += grad_norm
@@ -109,21 +143,29 @@ class StepMetrics:
 
 
 @torch.no_grad()
-def evaluate(model, forward, ref_for, pairs, cfg, autocast) -> dict[str, float]:
-    """Loss and metrics over the held-out ``pairs`` (``forward`` and ``ref_for`` as in training)."""
+def evaluate(model, forward, ref_for, pairs, cfg, autocast, ranks: Ranks = Ranks()) -> dict[str, float]:
+    """Loss and metrics over the held-out ``pairs`` (``forward`` and ``ref_for`` as in training);
+    under torchrun each rank scores every W-th batch and the sums are added up."""
     was_training = model.training
     model.eval()
     metrics = StepMetrics()
     tokens_mean = sum(len(p.chosen_ids) for p in pairs) / len(pairs)
     bs = cfg.training.per_device_eval_batch_size
     total_loss = 0.0
-    for i in range(0, len(pairs), bs):
-        indices = list(range(i, min(i + bs, len(pairs))))
-        chunk = pairs[i : i + bs]
+    batches = [list(range(i, min(i + bs, len(pairs)))) for i in range(0, len(pairs), bs)]
+    for first in range(0, len(batches), ranks.world_size):
+        # round robin; a rank past the end scores batch 0 and drops it (FSDP: every rank in every forward)
+        mine = first + ranks.rank < len(batches)
+        indices = batches[first + ranks.rank] if mine else batches[0]
+        chunk = [pairs[i] for i in indices]
         with autocast():
             pol = forward(model, chunk)
+        if not mine:
+            continue
         lp = pair_logps(pol, ref_for(indices, chunk), tokens_mean)
         total_loss += losses.combined_loss(lp, cfg.loss_types, cfg.loss.loss_weights, loss_params(cfg)).sum().item()
         metrics.add_pairs(pol, lp, cfg)
     model.train(was_training)
+    metrics.sum_over_ranks(ranks)
+    (total_loss,) = ranks.sum([total_loss])
     return {"eval_loss": total_loss / len(pairs), **metrics.means(prefix="eval_")}

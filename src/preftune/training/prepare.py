@@ -18,6 +18,7 @@ from preftune import data as data_mod
 from preftune import report
 from preftune.batching import collate_padded
 from preftune.config import TrainConfig
+from preftune.distributed import Ranks, shard_model
 from preftune.errors import PreftuneError
 from preftune.forward import PairForward, forward_fast, forward_padded
 from preftune.guard import CollapseGuard
@@ -42,10 +43,26 @@ class PreparedData:
     eval_pairs: list[PreferencePair]  # untokenized, for the final report
 
 
-def run_generate_step(cfg: TrainConfig) -> None:
-    """A recipe's `generate:` line builds train_file when it does not exist yet."""
+def run_generate_step(cfg: TrainConfig, ranks: Ranks = Ranks()) -> None:
+    """A recipe's `generate:` line builds train_file when it does not exist yet (rank 0 builds it,
+    the other ranks wait for it)."""
     step = cfg.data.generate
-    if not step or cfg.data.train_file is None or Path(cfg.data.train_file).exists():
+    if not step or cfg.data.train_file is None:
+        return
+    if not ranks.is_main:
+        ranks.barrier()
+        if not Path(cfg.data.train_file).exists():
+            raise PreftuneError(f"train_file {cfg.data.train_file} was not written by rank 0's generate step "
+                                "(nodes without a shared disk: generate it before launching)")  # fmt: skip
+        return
+    try:
+        _generate_train_file(cfg, step)
+    finally:
+        ranks.barrier()  # also when it failed: the other ranks stop on the missing file, not on a timeout
+
+
+def _generate_train_file(cfg: TrainConfig, step) -> None:
+    if Path(cfg.data.train_file).exists():
         return
     args = shlex.split(step) if isinstance(step, str) else [str(a) for a in step]
     report.console.print(f"{cfg.data.train_file} does not exist yet: preftune generate {shlex.join(args)}")
@@ -70,9 +87,12 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
     elif d.eval_split > 0:
         train_pairs, eval_pairs = data_mod.split_eval(train_pairs, d.eval_split, cfg.training.seed)
 
-    kwargs = dict(system_prompt=d.system_prompt, max_length=d.max_length, max_prompt_length=d.max_prompt_length)
+    kwargs = dict(system_prompt=d.system_prompt, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                  special_tokens_in_text=d.special_tokens_in_text)  # fmt: skip
     train, train_stats = tokenize_pairs(train_pairs, tokenizer, **kwargs)
     evals, eval_stats = tokenize_pairs(eval_pairs, tokenizer, **kwargs) if eval_pairs else ([], TokenizeStats())
+    if eval_pairs:  # eval data none of which survived: say so now, not after training
+        data_mod.require_eval_pairs(vars(eval_stats), d.eval_file or f"eval_split {d.eval_split}", d.max_length)
     if not train:
         raise PreftuneError(
             f"no usable training pairs: {train_stats.total} loaded, {train_stats.dropped_truncated} dropped by "
@@ -103,6 +123,27 @@ def row_length_multiple(cfg: TrainConfig, device: torch.device) -> int:
     return 8 if device.type == "cpu" and autocast_dtype(cfg) is not None else 1
 
 
+# ---------------------------------------------------------------- ranks
+
+
+def shard_if_fsdp(cfg: TrainConfig, model: nn.Module, ranks: Ranks, precompute: bool) -> bool:
+    """``distributed: fsdp`` under torchrun: shard the policy with FSDP2 (before the optimizer is
+    made, which then holds only this rank's shards). Returns whether it did."""
+    if not ranks.enabled or cfg.training.distributed != "fsdp":
+        return False
+    if cfg.model.finetuning_type == "lora":
+        report.print_warning("distributed: fsdp shards full fine-tuning; LoRA runs as ddp (the frozen base is "
+                             "replicated, its adapters are small)")  # fmt: skip
+        return False
+    if not precompute:
+        raise PreftuneError("distributed: fsdp holds no reference weights during training: keep "
+                            "precompute_ref_log_probs on (or use distributed: ddp)")  # fmt: skip
+    amp = autocast_dtype(cfg)
+    layers = shard_model(model, amp if amp == torch.bfloat16 else None)
+    report.console.print(f"fsdp: {layers} decoder layers and the root sharded over {ranks.world_size} ranks")
+    return True
+
+
 # ---------------------------------------------------------------- reference
 
 
@@ -121,8 +162,10 @@ class ReferenceLogps:
 
 
 def precompute_reference_logps(cfg: TrainConfig, reference: Reference | None, prepared: PreparedData,
-                               forward: Forward, autocast, precompute: bool) -> ReferenceLogps:  # fmt: skip
-    """Reference log-probs once, cached on disk, instead of a reference forward every step."""
+                               forward: Forward, autocast, precompute: bool,
+                               ranks: Ranks = Ranks()) -> ReferenceLogps:  # fmt: skip
+    """Reference log-probs once, cached on disk, instead of a reference forward every step (under
+    torchrun each rank computes a share of the batches)."""
     if reference is None:
         return ReferenceLogps()
     if not precompute:
@@ -131,7 +174,7 @@ def precompute_reference_logps(cfg: TrainConfig, reference: Reference | None, pr
     cache_kwargs = dict(
         forward=forward, batch_size=cfg.training.per_device_eval_batch_size, autocast=autocast,
         precision=precision_name(cfg), cache_dir=preftune_home() / "ref_logps",
-        reference_fingerprint=fingerprint_reference(reference.model),
+        reference_fingerprint=fingerprint_reference(reference.model), ranks=ranks,
     )  # fmt: skip
     cached_train, hit = load_or_compute(reference, prepared.train, **cache_kwargs)
     cached_eval = None

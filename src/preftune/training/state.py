@@ -9,6 +9,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from preftune import report
 from preftune.config import TrainConfig
+from preftune.distributed import (
+    Ranks, full_model_state, full_optimizer_state, is_sharded, load_full_model_state, load_full_optimizer_state,
+)  # fmt: skip
 from preftune.errors import PreftuneError
 from preftune.memory import Bf16WeightGrads
 from preftune.modeling import load_trainable_state, trainable_state
@@ -25,15 +30,65 @@ from preftune.util import atomic_dir
 
 
 def check_output_dir(cfg: TrainConfig) -> Path:
-    out = Path(cfg.training.output_dir)
-    finished = (out / "summary.json").exists() or (out / "final").exists()
-    if finished and not cfg.training.overwrite_output_dir and not cfg.training.resume_from_checkpoint:
+    """The output directory, checked before anything loads: a usable path, and not a finished run
+    unless ``overwrite_output_dir`` or ``resume_from_checkpoint`` says what to do with it. A run whose
+    end was interrupted (an end-of-run checkpoint, no summary.json) is not finished: it resumes."""
+    t = cfg.training
+    if not str(t.output_dir).strip():
+        raise PreftuneError("output_dir is empty; name a directory for the run's outputs")
+    out = Path(t.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise PreftuneError(f"output_dir '{out}' exists and is not a directory")
+    if not out.exists():
+        _check_creatable(out)
+    finished = (out / "summary.json").exists() or ((out / "final").exists() and end_checkpoint(out) is None)
+    if finished and not t.overwrite_output_dir and not t.resume_from_checkpoint:
         raise PreftuneError(
             f"output_dir '{out}' already holds a finished run; set overwrite_output_dir: true or choose another"
         )
-    if out.exists() and not out.is_dir():
-        raise PreftuneError(f"output_dir '{out}' exists and is not a directory")
+    if t.overwrite_output_dir and not t.resume_from_checkpoint and _holds_files(out) and not _is_run_dir(out):
+        raise PreftuneError(f"overwrite_output_dir: '{out}' holds files but no preftune run; it is not removed, "
+                            "choose another output_dir")  # fmt: skip
     return out
+
+
+def _check_creatable(out: Path) -> None:
+    """A directory can be made at ``out``: its nearest existing ancestor is a directory that takes a
+    new entry (tried with a probe directory, removed at once)."""
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise PreftuneError(f"output_dir '{out}': '{ancestor}' is a file, not a directory")
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".preftune-probe-", dir=ancestor))
+        probe.rmdir()
+    except OSError as e:
+        raise PreftuneError(f"output_dir '{out}' cannot be created in '{ancestor}' ({e.strerror})") from None
+
+
+def _holds_files(out: Path) -> bool:
+    return out.is_dir() and any(out.iterdir())
+
+
+def _is_run_dir(out: Path) -> bool:
+    return (out / ".preftune.lock").exists() or (out / "config.yaml").exists() and (
+        (out / "log_history.json").exists() or (out / "checkpoints").is_dir())  # fmt: skip
+
+
+def clear_previous_run(out: Path) -> None:
+    """``overwrite_output_dir``: the previous run's files are moved aside (one rename each, into a
+    hidden directory) and removed, before the new run writes anything; the lock file stays (held)."""
+    aside = out / f".previous-run-{os.getpid()}"
+    for stale in out.glob(".previous-run-*"):  # a removal interrupted before
+        shutil.rmtree(stale, ignore_errors=True)
+    entries = [p for p in out.iterdir() if p.name != ".preftune.lock"]
+    if not entries:
+        return
+    aside.mkdir()
+    for entry in entries:
+        entry.rename(aside / entry.name)
+    shutil.rmtree(aside)
 
 
 @contextmanager
@@ -60,25 +115,47 @@ def lock_output_dir(out: Path):
         handle.close()  # closing the file releases the lock
 
 
-def build_schedule(num_pairs: int, cfg: TrainConfig) -> tuple[list[list[list[int]]], int]:
-    """Every optimizer step as a list of micro-batches of pair indices, and steps per epoch.
+class Schedule:
+    """Every optimizer step as a list of global micro-batches of pair indices (each of
+    ``per_device_train_batch_size × world_size`` pairs; under torchrun every rank takes its share of
+    each). Built step by step when asked (``schedule[i]``): a run of 10^9 steps costs one epoch's order.
 
-    Epoch e visits the pairs in a permutation seeded by (seed, e), so a resumed run
-    sees exactly the batches an uninterrupted run would.
+    Epoch e visits the pairs in a permutation seeded by (seed, e), so a resumed run sees exactly
+    the batches an uninterrupted run would; an epoch's last step may hold fewer micro-batches.
     """
+
+    def __init__(self, num_pairs: int, batch: int, accumulation: int, seed: int, total_steps: int | None = None):
+        self.num_pairs, self.batch, self.accumulation, self.seed = num_pairs, batch, accumulation, seed
+        self.steps_per_epoch = math.ceil(math.ceil(num_pairs / batch) / accumulation)
+        self.total = total_steps if total_steps is not None else self.steps_per_epoch
+        self._epoch: tuple[int, list[int]] | None = None  # the last epoch's order, kept
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, step: int) -> list[list[int]]:
+        if not 0 <= step < self.total:
+            raise IndexError(step)
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch = (epoch, torch.randperm(self.num_pairs, generator=gen).tolist())
+        order = self._epoch[1]
+        first = within * self.accumulation * self.batch
+        last = min(first + self.accumulation * self.batch, self.num_pairs)
+        return [order[i : min(i + self.batch, last)] for i in range(first, last, self.batch)]
+
+    def __iter__(self):
+        return (self[i] for i in range(self.total))
+
+
+def build_schedule(num_pairs: int, cfg: TrainConfig, world_size: int = 1) -> tuple[Schedule, int]:
+    """The run's ``Schedule`` (``max_steps``, else ``num_train_epochs`` passes) and steps per epoch."""
     t = cfg.training
-    micro_per_epoch = math.ceil(num_pairs / t.per_device_train_batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / t.gradient_accumulation_steps)
-    total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
-    steps: list[list[list[int]]] = []
-    epoch = 0
-    while len(steps) < total:
-        order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(t.seed + epoch)).tolist()
-        micro = [order[i : i + t.per_device_train_batch_size] for i in range(0, num_pairs, t.per_device_train_batch_size)]
-        for i in range(0, len(micro), t.gradient_accumulation_steps):
-            steps.append(micro[i : i + t.gradient_accumulation_steps])
-        epoch += 1
-    return steps[:total], steps_per_epoch
+    schedule = Schedule(num_pairs, t.per_device_train_batch_size * world_size, t.gradient_accumulation_steps, t.seed)
+    per_epoch = schedule.steps_per_epoch
+    schedule.total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * per_epoch))
+    return schedule, per_epoch
 
 
 def make_optimizer(params: list[torch.nn.Parameter], t) -> torch.optim.Optimizer:
@@ -109,7 +186,10 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], 
     max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
     if bf16_grads is not None:  # the same clip and step, over the gradients it holds in bf16
         return bf16_grads.clip_and_step(optimizer, params, max_norm)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2's DTensor gradients: the norm over every rank's shard
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = grad_norm.item()
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -121,12 +201,23 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], 
 # ---------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, state: dict) -> None:
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, state: dict, ranks: Ranks = Ranks()) -> None:
+    """Every rank calls this; rank 0 writes. A model sharded by FSDP2 is gathered whole first
+    (weights as safetensors, AdamW's state keyed by parameter name), so the checkpoint is the same
+    files at any world size and resumes at any other."""
+    if is_sharded(model):
+        weights = full_model_state(model)
+        optim_state = {"optimizer_by_name": full_optimizer_state(model, optimizer)}
+    elif ranks.is_main:
+        weights, optim_state = trainable_state(model), {"optimizer": optimizer.state_dict()}
+    if not ranks.is_main:
+        return
+
     def write(tmp: Path) -> None:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        save_file(weights, tmp / "trainable.safetensors")
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                **optim_state,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": {
@@ -142,12 +233,22 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, state: dict
     atomic_dir(path, write)
 
 
-def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, list[dict[str, Any]], int, float]:
+def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> dict[str, Any]:
     """Weights, optimizer, schedule, scaler and random states as they were at the checkpoint;
-    returns (step, log history, tokens seen, training seconds) so far."""
-    load_trainable_state(model, load_file(path / "trainable.safetensors"))
+    returns its trainer state (step, log history, tokens seen, training seconds, the partly filled
+    logging and guard windows). Written by a sharded or a replicated run, read by either."""
+    weights = load_file(path / "trainable.safetensors")
     blob = load_training_state(path / "training_state.pt")
-    optimizer.load_state_dict(blob["optimizer"])
+    if is_sharded(model):
+        load_full_model_state(model, weights)
+        by_name = blob.get("optimizer_by_name") or optimizer_state_by_name(model, blob["optimizer"])
+        load_full_optimizer_state(model, optimizer, by_name)
+    else:
+        load_trainable_state(model, weights)
+        if "optimizer_by_name" in blob:
+            optimizer.load_state_dict(optimizer_state_by_index(model, blob["optimizer_by_name"]))
+        else:
+            optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob["scaler"] is not None:
         scaler.load_state_dict(blob["scaler"])
@@ -155,8 +256,24 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple
     torch.set_rng_state(blob["rng"]["torch"])
     if blob["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-    state = json.loads((path / "trainer_state.json").read_text())
-    return state["step"], state["log_history"], state["tokens_seen"], state["train_seconds"]
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def _trainable_names(model) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]  # the optimizer's order
+
+
+def optimizer_state_by_name(model, state: dict) -> dict:
+    """torch's optimizer state (parameters numbered in the optimizer's order) keyed by name instead."""
+    names = _trainable_names(model)
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
+def optimizer_state_by_index(model, state: dict) -> dict:
+    index = {name: i for i, name in enumerate(_trainable_names(model))}
+    groups = [{**g, "params": [index[k] for k in g["params"]]} for g in state["param_groups"]]
+    return {"state": {index[k]: v for k, v in state["state"].items()}, "param_groups": groups}
 
 
 def load_training_state(file: Path) -> dict[str, Any]:
@@ -171,17 +288,69 @@ def load_training_state(file: Path) -> dict[str, Any]:
 
 def find_checkpoint(cfg: TrainConfig) -> Path | None:
     resume = cfg.training.resume_from_checkpoint
+    out = Path(cfg.training.output_dir).expanduser()
     if resume in (None, False):
+        end = end_checkpoint(out)
+        if end is not None and not (out / "summary.json").exists() and not cfg.training.overwrite_output_dir:
+            report.console.print(f"{out} holds a run stopped while writing its results: finishing it from {end}")
+            return end
         return None
     if resume is True or resume == "true":
-        ckpts = sorted_checkpoints(Path(cfg.training.output_dir))
+        ckpts = sorted_checkpoints(out)
         if not ckpts:
-            raise PreftuneError(f"resume_from_checkpoint: no checkpoint in {cfg.training.output_dir}/checkpoints")
+            raise PreftuneError(f"resume_from_checkpoint: no checkpoint in {out}/checkpoints")
         return ckpts[-1]
-    path = Path(resume)
+    path = Path(resume).expanduser()
     if not (path / "trainer_state.json").is_file():
         raise PreftuneError(f"resume_from_checkpoint: '{resume}' is not a checkpoint directory")
     return path
+
+
+def end_checkpoint(out: Path) -> Path | None:
+    """The checkpoint of a run's last step, written before its final evaluation, final/ and reports."""
+    ckpts = sorted_checkpoints(out)
+    if not ckpts:
+        return None
+    try:
+        state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return ckpts[-1] if state.get("end_of_run") else None
+
+
+def run_identity(cfg: TrainConfig, prepared) -> dict[str, Any]:
+    """What a checkpoint must share with the config that resumes it."""
+    from preftune.refcache import fingerprint_pairs
+
+    m = cfg.model
+    identity: dict[str, Any] = {"model": m.model_name_or_path, "finetuning_type": m.finetuning_type}
+    if m.finetuning_type == "lora":
+        identity["lora"] = [m.lora_r, m.lora_alpha, str(m.lora_target)]
+    identity["training data"] = fingerprint_pairs(prepared.train)
+    return identity
+
+
+def remove_end_checkpoint(out: Path) -> None:
+    end = end_checkpoint(out)
+    if end is not None:
+        shutil.rmtree(end)
+        if not any(end.parent.iterdir()):
+            end.parent.rmdir()
+
+
+def check_run_identity(checkpoint: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint of another run: another model, fine-tuning type, LoRA shape or
+    training data (token ids) than this config's."""
+    try:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("run_identity")
+    except (OSError, ValueError) as e:
+        raise PreftuneError(f"resume_from_checkpoint: {checkpoint}/trainer_state.json cannot be read ({e})") from None
+    if saved is None:
+        return  # written before checkpoints recorded it
+    for key, value in identity.items():
+        if saved.get(key) != value:
+            raise PreftuneError(f"resume_from_checkpoint: {checkpoint} belongs to another run: its {key} is "
+                                f"{saved.get(key)!r}, this config's {value!r}")  # fmt: skip
 
 
 def sorted_checkpoints(output_dir: Path) -> list[Path]:
