@@ -485,3 +485,41 @@ def test_schedule_is_lazy_and_equals_the_eager_one():
     order = torch.randperm(1000, generator=torch.Generator().manual_seed(42 + last_epoch)).tolist()
     assert len(schedule) == 10**9 and schedule[10**9 - 1] == [order[996:1000]]
     assert time.time() - started < 1.0
+
+
+def test_a_recipe_may_not_write_outside_or_run_code(tmp_path):
+    """A `generate:` line from a file: written paths stay under the recipe's directory or output_dir,
+    and `--reward module:function` needs --allow-code on the command line."""
+    from preftune.errors import PreftuneError
+    from preftune.training.prepare import check_generate_step
+
+    base, out = tmp_path / "recipe", tmp_path / "outputs" / "run"
+    ok = ["template", "--spec", "s.yaml", "--output", "data/train.jsonl", "--heldout-prompts", f"{out}/p.txt"]
+    check_generate_step(ok, base, out, allow_code=False)
+    for bad in (["--output", "../elsewhere/notes.txt"], ["--heldout-prompts=/etc/motd"],
+                ["--heldout-output", "~/x.jsonl"]):  # fmt: skip
+        with pytest.raises(PreftuneError, match="writes outside the recipe's directory"):
+            check_generate_step(["template", *bad], base, out, allow_code=False)
+    code = ["best-of-n", "--reward", "score.py:score", "--output", "pairs.jsonl"]
+    with pytest.raises(PreftuneError, match="runs Python code named in the recipe; pass --allow-code"):
+        check_generate_step(code, base, out, allow_code=False)
+    check_generate_step(code, base, out, allow_code=True)
+    check_generate_step(["best-of-n", "--reward", "keyword:a,b", "--output", "p.jsonl"], base, out, allow_code=False)
+
+
+def test_trust_remote_code_from_a_file_needs_allow_code(tiny_model_dir, tmp_path, monkeypatch):
+    import preftune.training.loop as loop
+    from preftune.errors import PreftuneError
+
+    cfg = base_config(tiny_model_dir, tmp_path, output_dir=str(tmp_path / "run"), trust_remote_code=True)
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    with pytest.raises(PreftuneError, match="trust_remote_code: true in a config file.*--allow-code"):
+        train(path)
+    assert not (tmp_path / "run").exists()
+    ran = []
+    monkeypatch.setattr(loop, "run_training", lambda cfg, cleanup, allow_code: ran.append(allow_code))
+    train(path, allow_code=True)
+    train(path, ["trust_remote_code=true"])  # said on the command line
+    train(cfg)  # a dict from Python: the caller's own code
+    assert ran == [True, False, False]

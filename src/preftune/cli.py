@@ -32,10 +32,12 @@ TRAIN_HELP = (
 def train_cmd(
     config: Path = typer.Argument(..., help="YAML config file."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides."),
+    allow_code: bool = typer.Option(False, "--allow-code", help="Let the config run code: trust_remote_code, "
+                                    "a generate: line's --reward module:function."),  # fmt: skip
 ) -> None:
     from preftune.training import train
 
-    summary = train(config, overrides or [])
+    summary = train(config, overrides or [], allow_code=allow_code)
     if launched_ranks()[0] != 0:  # under torchrun rank 0 speaks for all
         return
     metrics = summary["final_metrics"]

@@ -192,9 +192,9 @@ def build_summary(cfg, log_history, data_stats, *, runtime, train_seconds, token
 
 def write_reports(out: Path, log_history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     atomic_write_text(out / "log_history.json", json.dumps(log_history, indent=1))
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     write_csv(out / "training_metrics.csv", log_history)
     plot_curves(out / "training_curves.png", log_history)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))  # last: the mark of a finished run
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from preftune import losses, report, tensorboard_log
-from preftune.config import TrainConfig, load_config
+from preftune.config import TrainConfig, load_config, parse_override
 from preftune.distributed import Ranks, close_ranks, init_ranks
 from preftune.generation import load_prompts
-from preftune.errors import RunStopped, TrainingDiverged
+from preftune.errors import PreftuneError, RunStopped, TrainingDiverged
 from preftune.guard import CollapseGuard
 from preftune.memory import MemoryPlan, make_autocast, resolve_precision
 from preftune.packing import segment_length
@@ -44,15 +44,27 @@ from preftune.training.signals import StopSignals
 from preftune.util import onednn_cache_capacity
 
 
-def train(config: TrainConfig | dict | str | Path, overrides=None) -> dict[str, Any]:
+def train(config: TrainConfig | dict | str | Path, overrides=None, *, allow_code: bool = False) -> dict[str, Any]:
     """Run DPO training; returns the summary written to ``summary.json``. The caller's logging
-    verbosity, warning filters and environment are as they were afterwards."""
+    verbosity, warning filters and environment are as they were afterwards.
+
+    ``allow_code``: a YAML file may ask to run code (``trust_remote_code: true``, a `generate:` line
+    with ``--reward module:function``) only with this set (the CLI's ``--allow-code``)."""
     cfg = load_config(config, overrides)
+    if isinstance(config, (str, Path)) and not allow_code:
+        refuse_code_from_file(cfg, config, overrides)
     with onednn_cache_capacity(), report.quiet_libraries(), ExitStack() as cleanup:
-        return run_training(cfg, cleanup)
+        return run_training(cfg, cleanup, allow_code=allow_code)
 
 
-def run_training(cfg: TrainConfig, cleanup: ExitStack) -> dict[str, Any]:
+def refuse_code_from_file(cfg: TrainConfig, path, overrides) -> None:
+    given = {parse_override(o)[0] for o in overrides or []} if not isinstance(overrides, dict) else set(overrides)
+    if cfg.model.trust_remote_code and "trust_remote_code" not in given:
+        raise PreftuneError("trust_remote_code: true in a config file runs the model directory's Python code; pass "
+                            "--allow-code on the command line (or trust_remote_code=true there) to allow it", str(path))  # fmt: skip
+
+
+def run_training(cfg: TrainConfig, cleanup: ExitStack, *, allow_code: bool = False) -> dict[str, Any]:
     started = time.time()
     ranks, device_name = init_ranks(cfg.training.device, cfg.training.ddp_timeout)  # torchrun: join the others
     cleanup.callback(close_ranks, ranks)
@@ -65,7 +77,7 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack) -> dict[str, Any]:
 
     # 1. data (all user mistakes surface here, before anything is written)
     out = check_output_dir(cfg)
-    run_generate_step(cfg, ranks)
+    run_generate_step(cfg, ranks, allow_code)
     checkpoint = find_checkpoint(cfg)
     model_path = resolve_model_path(cfg.model.model_name_or_path)
     tokenizer = load_tokenizer(cfg.model, model_path)

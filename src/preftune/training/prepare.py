@@ -43,7 +43,7 @@ class PreparedData:
     eval_pairs: list[PreferencePair]  # untokenized, for the final report
 
 
-def run_generate_step(cfg: TrainConfig, ranks: Ranks = Ranks()) -> None:
+def run_generate_step(cfg: TrainConfig, ranks: Ranks = Ranks(), allow_code: bool = False) -> None:
     """A recipe's `generate:` line builds train_file when it does not exist yet (rank 0 builds it,
     the other ranks wait for it)."""
     step = cfg.data.generate
@@ -56,15 +56,40 @@ def run_generate_step(cfg: TrainConfig, ranks: Ranks = Ranks()) -> None:
                                 "(nodes without a shared disk: generate it before launching)")  # fmt: skip
         return
     try:
-        _generate_train_file(cfg, step)
+        _generate_train_file(cfg, step, allow_code)
     finally:
         ranks.barrier()  # also when it failed: the other ranks stop on the missing file, not on a timeout
 
 
-def _generate_train_file(cfg: TrainConfig, step) -> None:
+# options of `preftune generate ...` whose value is a file it writes
+WRITTEN_BY_GENERATE = ("--output", "--heldout-output", "--heldout-prompts")
+SAFE_REWARDS = ("length", "-length", "regex:", "keyword:")
+
+
+def check_generate_step(args: list[str], base_dir: Path, output_dir: Path, allow_code: bool) -> None:
+    """A recipe's `generate:` line comes from a file, maybe someone else's: it may write only under the
+    recipe's own directory or output_dir, and it may run code (``--reward module:function``) only when
+    the command line says ``--allow-code``."""
+    roots = [base_dir.resolve(), Path(output_dir).expanduser().resolve()]
+    for i, arg in enumerate(args):
+        option, eq, value = arg.partition("=")
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if option in WRITTEN_BY_GENERATE and value:
+            target = (base_dir / Path(value).expanduser()).resolve()
+            if not any(target == root or root in target.parents for root in roots):
+                raise PreftuneError(f"generate: {option} {value} writes outside the recipe's directory and "
+                                    "output_dir; a recipe may not write there")  # fmt: skip
+        if option == "--reward" and value and not value.startswith(SAFE_REWARDS) and not allow_code:
+            raise PreftuneError(f"generate: --reward {value} runs Python code named in the recipe; pass --allow-code "
+                                "on the command line to allow it")  # fmt: skip
+
+
+def _generate_train_file(cfg: TrainConfig, step, allow_code: bool = False) -> None:
     if Path(cfg.data.train_file).exists():
         return
     args = shlex.split(step) if isinstance(step, str) else [str(a) for a in step]
+    check_generate_step(args, Path(cfg.base_dir or "."), Path(cfg.training.output_dir), allow_code)
     report.console.print(f"{cfg.data.train_file} does not exist yet: preftune generate {shlex.join(args)}")
     cmd = [sys.executable, "-m", "preftune.cli", "generate", *args]
     if subprocess.run(cmd, cwd=cfg.base_dir or None).returncode != 0:
