@@ -92,11 +92,15 @@ def test_two_ranks_equal_one_process(tiny_model_dir, tmp_path, finetuning_type, 
     assert proc.stdout.count("done:") == 1  # rank 0 speaks for both
 
 
-def test_fsdp_full_equals_one_process_and_its_checkpoint_resumes_at_2_and_1_ranks(tiny_model_dir, tmp_path):
-    """FSDP2 (every layer and the root sharded over 2 ranks), gradient accumulation 2, an empty
-    share in the last micro-batch of each epoch: the numbers of one process at batch 4. Its step-2
-    checkpoint (gathered whole by rank 0) resumes sharded at 2 ranks and in one process."""
-    config = config_file(tmp_path, tiny_model_dir, finetuning_type="full", gradient_accumulation_steps=2,
+def test_fsdp_full_equals_one_process_and_its_checkpoint_resumes_at_2_and_1_ranks(tmp_path):
+    """FSDP2 (every layer and the root sharded over 2 ranks) on a model whose LM head is tied to the
+    embedding (as SmolLM2's), gradient accumulation 2, an empty share in the last micro-batch of each
+    epoch: the numbers of one process at batch 4. Its step-2 checkpoint (gathered whole by rank 0)
+    resumes sharded at 2 ranks and in one process."""
+    import tiny
+
+    model_dir = tiny.save_tiny(tmp_path / "tied-model", tied=True)
+    config = config_file(tmp_path, model_dir, finetuning_type="full", gradient_accumulation_steps=2,
                          save_steps=2)  # fmt: skip
     run_one(config, tmp_path / "one", "per_device_train_batch_size=4")
     proc = run_two(config, tmp_path / "two", "per_device_train_batch_size=2", "distributed=fsdp")
@@ -157,14 +161,14 @@ def test_a_user_error_is_one_line_from_rank_0(tiny_model_dir, tmp_path):
 def test_sigterm_under_torchrun_checkpoints_and_resumes_at_one_rank(tiny_model_dir, tmp_path):
     """torchrun passes SIGTERM to every rank; they stop after the same step, rank 0 writes the
     checkpoint; the run resumed in one process (batch 2·b) ends with every logged row equal."""
-    config = config_file(tmp_path, tiny_model_dir, finetuning_type="lora", num_train_epochs=4, logging_steps=2)
+    config = config_file(tmp_path, tiny_model_dir, finetuning_type="lora", num_train_epochs=4, logging_steps=4)
     run_one(config, tmp_path / "one", "per_device_train_batch_size=4")
     proc = run_two(config, tmp_path / "two", "per_device_train_batch_size=2", extra_env={"SIGTERM_AFTER_STEP": "5"})
     assert proc.returncode != 0
     assert proc.stderr.count("stopped by SIGTERM at step") == 1, proc.stderr[-3000:]
     step = int(proc.stderr.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert step >= 5 and (tmp_path / "two" / "checkpoints" / f"step-{step}" / "trainer_state.json").is_file()
-    # a partly filled logging window (logging_steps 2, odd step) and the guard's window are in it
+    # a partly filled logging window (logging_steps 4, the stop at step 5-7) and the guard's window are in it
     run_one(config, tmp_path / "two", "per_device_train_batch_size=4", "resume_from_checkpoint=true")
     assert_same_run(tmp_path / "one", tmp_path / "two")
 

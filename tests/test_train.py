@@ -1,6 +1,7 @@
 """The training loop: accumulation, determinism, resume, metrics."""
 
 import json
+import signal
 
 import pytest
 import torch
@@ -239,6 +240,40 @@ def test_overwrite_removes_the_previous_run_first(tiny_model_dir, tmp_path):
     assert not (out / "adapter").exists() and not (out / "eval.json").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
     assert not list(out.glob(".previous-run-*"))
+
+
+def test_a_fresh_run_does_not_mix_with_an_earlier_runs_checkpoints(tiny_model_dir, tmp_path, monkeypatch):
+    """Stopped with checkpoints, then run again without resume or overwrite: refused in one line
+    (before, the new run's checkpoints were pruned in favour of the old ones)."""
+    from preftune.errors import PreftuneError, RunStopped
+    from test_signals import signal_after_step
+
+    out = tmp_path / "run"
+    common = dict(per_device_train_batch_size=2, save_steps=1, max_steps=4)
+    with monkeypatch.context() as m:
+        signal_after_step(m, 2, signal.SIGTERM)
+        with pytest.raises(RunStopped):
+            train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), **common))
+    with pytest.raises(PreftuneError, match="holds checkpoints of an earlier run; continue it with resume"):
+        train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), **common))
+
+
+def test_overwrite_removes_only_run_outputs_and_never_an_input(tiny_model_dir, tmp_path):
+    from preftune.errors import PreftuneError
+
+    out = tmp_path / "run"
+    common = dict(per_device_train_batch_size=2, max_steps=1)
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), **common))
+    (out / "data.jsonl").write_text((tmp_path / "pairs.jsonl").read_text())  # e.g. a generate step's output
+    cfg = base_config(tiny_model_dir, tmp_path, output_dir=str(out), overwrite_output_dir=True, **common)
+    cfg["train_file"] = str(out / "data.jsonl")
+    train(cfg)
+    assert (out / "data.jsonl").exists() and (out / "summary.json").exists()
+    # iterative DPO: training from the previous run's final/ into the same output_dir
+    cfg = base_config(str(out / "final"), tmp_path, output_dir=str(out), overwrite_output_dir=True, **common)
+    with pytest.raises(PreftuneError, match="would remove .*final', an input of this run"):
+        train(cfg)
+    assert (out / "final").is_dir()
 
 
 def test_overwrite_never_removes_a_directory_that_is_not_a_run(tiny_model_dir, tmp_path):
@@ -488,23 +523,25 @@ def test_schedule_is_lazy_and_equals_the_eager_one():
 
 
 def test_a_recipe_may_not_write_outside_or_run_code(tmp_path):
-    """A `generate:` line from a file: written paths stay under the recipe's directory or output_dir,
-    and `--reward module:function` needs --allow-code on the command line."""
+    """A `generate:` line from a file: written paths stay under the recipe's directory (output_dir is
+    named by the same file, so it is no limit), and `--reward module:function` needs --allow-code."""
     from preftune.errors import PreftuneError
     from preftune.training.prepare import check_generate_step
 
-    base, out = tmp_path / "recipe", tmp_path / "outputs" / "run"
-    ok = ["template", "--spec", "s.yaml", "--output", "data/train.jsonl", "--heldout-prompts", f"{out}/p.txt"]
-    check_generate_step(ok, base, out, allow_code=False)
+    base = tmp_path / "recipe"
+    ok = ["template", "--spec", "s.yaml", "--output", "data/train.jsonl", "--heldout-prompts", f"{base}/p.txt"]
+    check_generate_step(ok, base, allow_code=False)
     for bad in (["--output", "../elsewhere/notes.txt"], ["--heldout-prompts=/etc/motd"],
-                ["--heldout-output", "~/x.jsonl"]):  # fmt: skip
+                ["--heldout-output", "~/x.jsonl"], ["--heldout-prompts", "../../.bashrc"]):  # fmt: skip
         with pytest.raises(PreftuneError, match="writes outside the recipe's directory"):
-            check_generate_step(["template", *bad], base, out, allow_code=False)
-    code = ["best-of-n", "--reward", "score.py:score", "--output", "pairs.jsonl"]
-    with pytest.raises(PreftuneError, match="runs Python code named in the recipe; pass --allow-code"):
-        check_generate_step(code, base, out, allow_code=False)
-    check_generate_step(code, base, out, allow_code=True)
-    check_generate_step(["best-of-n", "--reward", "keyword:a,b", "--output", "p.jsonl"], base, out, allow_code=False)
+            check_generate_step(["template", *bad], base, allow_code=False)
+    for reward in ("score.py:score", "length.py:score", "lengthy:f", "os:system"):
+        code = ["best-of-n", "--reward", reward, "--output", "pairs.jsonl"]
+        with pytest.raises(PreftuneError, match="runs Python code named in the recipe; pass --allow-code"):
+            check_generate_step(code, base, allow_code=False)
+        check_generate_step(code, base, allow_code=True)
+    for reward in ("length", "-length", "keyword:a,b", "regex:^Yes"):
+        check_generate_step(["best-of-n", "--reward", reward, "--output", "p.jsonl"], base, allow_code=False)
 
 
 def test_trust_remote_code_from_a_file_needs_allow_code(tiny_model_dir, tmp_path, monkeypatch):

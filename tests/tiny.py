@@ -56,8 +56,8 @@ def make_tokenizer(chat_template: bool = True, vocab_size: int = 400) -> PreTrai
     return fast
 
 
-def make_model(tokenizer, hidden_size: int = 32, seed: int = 0) -> LlamaForCausalLM:
-    """2-layer Llama in fp32 with dropout off."""
+def make_model(tokenizer, hidden_size: int = 32, seed: int = 0, tied: bool = False) -> LlamaForCausalLM:
+    """2-layer Llama in fp32 with dropout off; ``tied``: the LM head is the input embedding (as SmolLM2's)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -67,7 +67,7 @@ def make_model(tokenizer, hidden_size: int = 32, seed: int = 0) -> LlamaForCausa
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -77,10 +77,10 @@ def make_model(tokenizer, hidden_size: int = 32, seed: int = 0) -> LlamaForCausa
     return model.float().eval()
 
 
-def save_tiny(path, chat_template: bool = True, hidden_size: int = 32, seed: int = 0) -> str:
+def save_tiny(path, chat_template: bool = True, hidden_size: int = 32, seed: int = 0, tied: bool = False) -> str:
     """Write a tiny model + tokenizer directory loadable with from_pretrained."""
     tokenizer = make_tokenizer(chat_template=chat_template)
-    model = make_model(tokenizer, hidden_size=hidden_size, seed=seed)
+    model = make_model(tokenizer, hidden_size=hidden_size, seed=seed, tied=tied)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)

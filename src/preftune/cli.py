@@ -296,8 +296,8 @@ def speaks(error: Exception) -> bool:
     return launched_ranks()[0] == 0 or getattr(error, "rank_only", False)
 
 
-PEER_FAILURE_SIGNS = ("connection closed by peer", "connection reset by peer", "timed out", "timeout", "broken pipe",
-                      "nccl communicator was aborted")  # fmt: skip
+PEER_FAILURE_SIGNS = ("connection closed by peer", "connection reset by peer", "timed out waiting", "broken pipe",
+                      "nccl communicator was aborted", "watchdog caught collective operation timeout")  # fmt: skip
 
 
 def peer_failure(error: Exception) -> str | None:

@@ -167,9 +167,32 @@ class Ranks:
         dist.broadcast_object_list(box, src=0, device=self._device if self.backend == "nccl" else None)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.enabled:
+    def barrier(self, patient: bool = False) -> None:
+        """Wait for every rank; ``patient``: while rank 0 alone does long work (a recipe's generate step,
+        the final report), not bounded by ``ddp_timeout`` (a gloo group with a week's timeout)."""
+        if not self.enabled:
+            return
+        if patient:
+            dist.barrier(group=_patient_group())
+        else:
             dist.barrier()
+
+    def same_on_all(self, value: int, what: str) -> None:
+        """One line, on every rank, when ranks disagree (e.g. nodes whose disks hold different checkpoints)."""
+        low, high = self.max([-value, value])
+        if -low != high:
+            raise PreftuneError(f"the ranks disagree on {what} ({-low} to {high}): do all nodes see the same "
+                                "output_dir?", rank_only=True)  # fmt: skip
+
+
+_PATIENT_GROUP = None
+
+
+def _patient_group():
+    global _PATIENT_GROUP
+    if _PATIENT_GROUP is None:
+        _PATIENT_GROUP = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+    return _PATIENT_GROUP
 
 
 def launched_ranks() -> tuple[int, int, int]:
@@ -190,7 +213,8 @@ def init_ranks(device_name: str, timeout_seconds: int) -> tuple[Ranks, str]:
             raise PreftuneError(f"device '{device_name}' under torchrun: use device: auto or cuda (each rank takes "
                                 "cuda:LOCAL_RANK)")  # fmt: skip
         if local_rank >= torch.cuda.device_count():
-            raise PreftuneError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices")
+            raise PreftuneError(f"rank {rank}: LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA "
+                                "devices (--nproc_per_node too large?)", rank_only=True)  # fmt: skip
         torch.cuda.set_device(local_rank)
         device_name = f"cuda:{local_rank}"
     backend = "nccl" if cuda else "gloo"
@@ -200,8 +224,10 @@ def init_ranks(device_name: str, timeout_seconds: int) -> tuple[Ranks, str]:
 
 
 def close_ranks(ranks: Ranks) -> None:
+    global _PATIENT_GROUP
     if ranks.enabled and dist.is_initialized():
         dist.destroy_process_group()
+        _PATIENT_GROUP = None
 
 
 # ---------------------------------------------------------------- FSDP2
@@ -237,6 +263,7 @@ def shard_model(model: nn.Module, param_dtype: torch.dtype | None) -> int:
 
     setattr(model, SCORE_METHOD, MethodType(score_sharded, model))
     register_fsdp_forward_method(model, SCORE_METHOD)
+    model._is_fsdp_managed_module = True  # transformers' generate then keeps the ranks in step (synced_gpus)
     return len(layers)
 
 
@@ -251,14 +278,18 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if dist.get_rank() == 0 else None
+    if dist.get_rank() != 0:
+        return None
+    names = {name for name, _ in model.named_parameters()}  # a tied head once, as one process saves it
+    return {k: v for k, v in state.items() if k in names}
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Every rank passes the whole state; each keeps its own shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    # strict=False: a tied head is saved once (under the embedding's name), as named_parameters has it
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:

@@ -9,8 +9,9 @@ class PreftuneError(Exception):
 
     exit_code = 2
 
-    def __init__(self, message: str, where: str | None = None):
+    def __init__(self, message: str, where: str | None = None, *, rank_only: bool = False):
         self.where = where
+        self.rank_only = rank_only  # under torchrun: this rank's own problem (printed by it, not only by rank 0)
         super().__init__(f"{where}: {message}" if where else message)
 
 

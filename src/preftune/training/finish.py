@@ -30,7 +30,10 @@ def consolidated_model(sharded, cfg, model_path, device):
     if state is None:
         return None
     model = load_causal_lm(model_path, cfg.model, weight_dtype(cfg.model, device), device)
-    model.load_state_dict(state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    names = {name for name, _ in model.named_parameters()}
+    if unexpected or any(k in names for k in missing):  # only a tied head's second name may be absent
+        raise RuntimeError(f"consolidated weights do not fit the model: missing {missing}, unexpected {unexpected}")
     return model
 
 

@@ -115,9 +115,10 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack, *, allow_code: bool = Fal
     eval_ref = reference_source(reference, ref_logps.eval, forward, autocast, device)
 
     guard = build_guard(cfg, model, tokenizer, eval_prompts, retain_prompts, autocast)  # its baseline: the start
-    identity = run_identity(cfg, prepared)
+    identity = run_identity(cfg, prepared, ranks.world_size)
     resumed = resume(checkpoint, identity, model, optimizer, scheduler, scaler, guard, ranks)  # {}: a fresh run
     start_step, log_history = resumed.get("step", 0), resumed.get("log_history", [])
+    ranks.same_on_all(start_step, "the step to start from")
     tokens_seen, train_seconds = resumed.get("tokens_seen", 0), resumed.get("train_seconds", 0.0)
     window = StepMetrics.from_state(resumed.get("log_window"), ranks)  # a partly filled logging window
     guard_every = t.eval_steps or max(1, total_steps // 10)
@@ -212,6 +213,7 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack, *, allow_code: bool = Fal
         progress.print_eval(log_history[-1])
         scalars.add_row(log_history[-1])
     plan.finish_training(model, model_path, cfg)  # the report and final/: plain gradients, fp32 as loaded
+    optimizer.state.clear()  # AdamW's moments are in the last checkpoint: their memory serves the report now
     if not diverged:  # the report (before/after) and final/, from rank 0
         write_final(cfg, model, reference, tokenizer, prepared.eval_pairs, eval_prompts, model_path, device, out,
                     ranks, sharded=sharded)  # fmt: skip
@@ -225,7 +227,7 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack, *, allow_code: bool = Fal
         report.write_reports(out, log_history, summary)
         if not t.save_steps:  # checkpoints were not asked for: the end-of-run one served its purpose
             remove_end_checkpoint(out)
-    ranks.barrier()  # rank 0's files are complete before any rank exits
+    ranks.barrier(patient=True)  # rank 0's files are complete before any rank exits
     if diverged:
         raise TrainingDiverged(stopped["diverged"])
     return summary

@@ -50,27 +50,32 @@ def run_generate_step(cfg: TrainConfig, ranks: Ranks = Ranks(), allow_code: bool
     if not step or cfg.data.train_file is None:
         return
     if not ranks.is_main:
-        ranks.barrier()
+        ranks.barrier(patient=True)  # generating may take hours: not bounded by ddp_timeout
         if not Path(cfg.data.train_file).exists():
             raise PreftuneError(f"train_file {cfg.data.train_file} was not written by rank 0's generate step "
-                                "(nodes without a shared disk: generate it before launching)")  # fmt: skip
+                                "(nodes without a shared disk: generate it before launching)", rank_only=True)  # fmt: skip
         return
     try:
         _generate_train_file(cfg, step, allow_code)
     finally:
-        ranks.barrier()  # also when it failed: the other ranks stop on the missing file, not on a timeout
+        ranks.barrier(patient=True)  # also when it failed: the other ranks stop on the missing file, not on a timeout
 
 
 # options of `preftune generate ...` whose value is a file it writes
 WRITTEN_BY_GENERATE = ("--output", "--heldout-output", "--heldout-prompts")
-SAFE_REWARDS = ("length", "-length", "regex:", "keyword:")
 
 
-def check_generate_step(args: list[str], base_dir: Path, output_dir: Path, allow_code: bool) -> None:
+def runs_no_code(reward: str) -> bool:
+    """The built-in rewards (best_of_n.load_reward); anything else names Python to import."""
+    reward = reward.strip()
+    return reward in ("length", "-length") or reward.startswith(("regex:", "keyword:"))
+
+
+def check_generate_step(args: list[str], base_dir: Path, allow_code: bool) -> None:
     """A recipe's `generate:` line comes from a file, maybe someone else's: it may write only under the
-    recipe's own directory or output_dir, and it may run code (``--reward module:function``) only when
-    the command line says ``--allow-code``."""
-    roots = [base_dir.resolve(), Path(output_dir).expanduser().resolve()]
+    recipe's own directory (not under output_dir, which the same file names), and it may run code
+    (``--reward module:function``) only when the command line says ``--allow-code``."""
+    roots = [base_dir.resolve()]
     for i, arg in enumerate(args):
         option, eq, value = arg.partition("=")
         if not eq:
@@ -78,9 +83,9 @@ def check_generate_step(args: list[str], base_dir: Path, output_dir: Path, allow
         if option in WRITTEN_BY_GENERATE and value:
             target = (base_dir / Path(value).expanduser()).resolve()
             if not any(target == root or root in target.parents for root in roots):
-                raise PreftuneError(f"generate: {option} {value} writes outside the recipe's directory and "
-                                    "output_dir; a recipe may not write there")  # fmt: skip
-        if option == "--reward" and value and not value.startswith(SAFE_REWARDS) and not allow_code:
+                raise PreftuneError(f"generate: {option} {value} writes outside the recipe's directory "
+                                    f"{base_dir}; a recipe may not write there")  # fmt: skip
+        if option == "--reward" and value and not runs_no_code(value) and not allow_code:
             raise PreftuneError(f"generate: --reward {value} runs Python code named in the recipe; pass --allow-code "
                                 "on the command line to allow it")  # fmt: skip
 
@@ -89,9 +94,9 @@ def _generate_train_file(cfg: TrainConfig, step, allow_code: bool = False) -> No
     if Path(cfg.data.train_file).exists():
         return
     args = shlex.split(step) if isinstance(step, str) else [str(a) for a in step]
-    check_generate_step(args, Path(cfg.base_dir or "."), Path(cfg.training.output_dir), allow_code)
+    check_generate_step(args, Path(cfg.base_dir or "."), allow_code)
     report.console.print(f"{cfg.data.train_file} does not exist yet: preftune generate {shlex.join(args)}")
-    cmd = [sys.executable, "-m", "preftune.cli", "generate", *args]
+    cmd = [sys.executable, "-P", "-m", "preftune.cli", "generate", *args]  # -P: nothing imported from cwd
     if subprocess.run(cmd, cwd=cfg.base_dir or None).returncode != 0:
         raise PreftuneError(f"the generate step failed: preftune generate {shlex.join(args)}")
     if not Path(cfg.data.train_file).exists():

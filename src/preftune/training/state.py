@@ -41,11 +41,17 @@ def check_output_dir(cfg: TrainConfig) -> Path:
         raise PreftuneError(f"output_dir '{out}' exists and is not a directory")
     if not out.exists():
         _check_creatable(out)
-    finished = (out / "summary.json").exists() or ((out / "final").exists() and end_checkpoint(out) is None)
+    end = end_checkpoint(out)
+    finished = (out / "summary.json").exists() or ((out / "final").exists() and end is None)
     if finished and not t.overwrite_output_dir and not t.resume_from_checkpoint:
         raise PreftuneError(
             f"output_dir '{out}' already holds a finished run; set overwrite_output_dir: true or choose another"
         )
+    if sorted_checkpoints(out) and end is None and not t.overwrite_output_dir and not t.resume_from_checkpoint:
+        raise PreftuneError(f"output_dir '{out}' holds checkpoints of an earlier run; continue it with "
+                            "resume_from_checkpoint=true, or set overwrite_output_dir: true")  # fmt: skip
+    if t.overwrite_output_dir and not t.resume_from_checkpoint:
+        _refuse_removing_inputs(cfg, out)
     if t.overwrite_output_dir and not t.resume_from_checkpoint and _holds_files(out) and not _is_run_dir(out):
         raise PreftuneError(f"overwrite_output_dir: '{out}' holds files but no preftune run; it is not removed, "
                             "choose another output_dir")  # fmt: skip
@@ -76,13 +82,32 @@ def _is_run_dir(out: Path) -> bool:
         (out / "log_history.json").exists() or (out / "checkpoints").is_dir())  # fmt: skip
 
 
+RUN_OUTPUTS = ("config.yaml", "summary.json", "log_history.json", "training_metrics.csv", "training_curves.png",
+               "eval.json", "report.md", "final", "adapter", "checkpoints", "runs")  # fmt: skip
+
+
+def _refuse_removing_inputs(cfg: TrainConfig, out: Path) -> None:
+    """``overwrite_output_dir`` removes the previous run's outputs: never an input of this run."""
+    root = out.resolve()
+    inputs = [cfg.model.model_name_or_path, cfg.data.train_file, cfg.data.eval_file, cfg.data.eval_prompts,
+              cfg.data.retain_prompts]  # fmt: skip
+    for value in inputs:
+        if not value:
+            continue
+        path = Path(str(value)).expanduser().resolve()
+        inside = [name for name in RUN_OUTPUTS if path == root / name or (root / name) in path.parents]
+        if inside:
+            raise PreftuneError(f"overwrite_output_dir would remove '{value}', an input of this run, with the "
+                                f"previous run's {inside[0]}; choose another output_dir")  # fmt: skip
+
+
 def clear_previous_run(out: Path) -> None:
-    """``overwrite_output_dir``: the previous run's files are moved aside (one rename each, into a
-    hidden directory) and removed, before the new run writes anything; the lock file stays (held)."""
+    """``overwrite_output_dir``: the previous run's outputs (``RUN_OUTPUTS``, nothing else) are moved
+    aside (one rename each, into a hidden directory) and removed before the new run writes anything."""
     aside = out / f".previous-run-{os.getpid()}"
     for stale in out.glob(".previous-run-*"):  # a removal interrupted before
         shutil.rmtree(stale, ignore_errors=True)
-    entries = [p for p in out.iterdir() if p.name != ".preftune.lock"]
+    entries = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
     if not entries:
         return
     aside.mkdir()
@@ -318,8 +343,9 @@ def end_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if state.get("end_of_run") else None
 
 
-def run_identity(cfg: TrainConfig, prepared) -> dict[str, Any]:
-    """What a checkpoint must share with the config that resumes it."""
+def run_identity(cfg: TrainConfig, prepared, world_size: int = 1) -> dict[str, Any]:
+    """What a checkpoint must share with the config that resumes it (the global batch too: another
+    one would visit other pairs at the same step; the world size may change with it)."""
     from preftune.refcache import fingerprint_pairs
 
     m = cfg.model
@@ -327,6 +353,8 @@ def run_identity(cfg: TrainConfig, prepared) -> dict[str, Any]:
     if m.finetuning_type == "lora":
         identity["lora"] = [m.lora_r, m.lora_alpha, str(m.lora_target)]
     identity["training data"] = fingerprint_pairs(prepared.train)
+    t = cfg.training
+    identity["global batch"] = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
     return identity
 
 
