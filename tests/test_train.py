@@ -560,3 +560,23 @@ def test_trust_remote_code_from_a_file_needs_allow_code(tiny_model_dir, tmp_path
     train(path, ["trust_remote_code=true"])  # said on the command line
     train(cfg)  # a dict from Python: the caller's own code
     assert ran == [True, False, False]
+
+
+def test_report_to_tensorboard_writes_every_logged_scalar(tiny_model_dir, tmp_path):
+    from preftune.tensorboard_log import read_events, scalar_tag
+
+    out = tmp_path / "run"
+    train(base_config(tiny_model_dir, tmp_path, output_dir=str(out), max_steps=3, per_device_train_batch_size=2,
+                      eval_split=0.25, eval_steps=2, report_to="tensorboard"))  # fmt: skip
+    files = list((out / "runs").rglob("*tfevents*"))
+    assert len(files) == 1
+    scalars: dict[tuple[int, str], float] = {}
+    for event in read_events(files[0]):
+        for tag, value in (event.get("scalars") or {}).items():
+            scalars[(event["step"], tag)] = value
+    history = json.loads((out / "log_history.json").read_text())
+    logged = [(r["step"], k, v) for r in history if "loss" in r or "eval_loss" in r
+              for k, v in r.items() if k not in ("step", "epoch") and isinstance(v, float)]  # fmt: skip
+    assert logged and len(logged) >= 3 * 10
+    for step, key, value in logged:  # simple_value is a float32
+        assert scalars[(step, scalar_tag(key))] == pytest.approx(value, rel=1e-6, abs=1e-12), (step, key)
