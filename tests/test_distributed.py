@@ -190,6 +190,8 @@ def test_shares_are_balanced_by_tokens_and_cover_the_batch():
     assert [sum(token[i] for i in s) for s in shares] == [160, 160]
     # an odd batch of 1: rank 1's share is empty (the loop gives it a zero-weighted pair)
     assert [Ranks(rank=r, world_size=2).shard([9], [5]) for r in (0, 1)] == [[9], []]
+    assert Ranks(rank=1, world_size=2).share([9], [5]) == ([], 1.0)  # ddp: rank 1 skips the micro-batch
+    assert Ranks(rank=1, world_size=2, lockstep=True).share([9], [5]) == ([9], 0.0)  # fsdp: a placeholder
     assert Ranks().shard(indices, sizes) == indices
 
 

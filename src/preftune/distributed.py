@@ -32,6 +32,7 @@ class Ranks:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None  # "gloo" or "nccl" once the process group is up
+    lockstep: bool = False  # FSDP: every rank runs every forward and backward (their collectives pair up)
 
     @property
     def enabled(self) -> bool:
@@ -72,11 +73,13 @@ class Ranks:
         return [idx for pos, idx in enumerate(indices) if owner[pos] == self.rank]
 
     def share(self, indices: list[int], sizes: list[int]) -> tuple[list[int], float]:
-        """(pairs, weight) this rank runs of a global micro-batch: its ``shard`` with weight 1, or, when
-        that is empty (the last micro-batch of an epoch may leave a rank nothing), the batch's first
-        pair with weight 0: FSDP's collectives need every rank in every forward and backward."""
+        """(pairs, weight) this rank runs of a global micro-batch: its ``shard`` with weight 1. When that
+        is empty (the last micro-batch of an epoch may leave a rank nothing): nothing, or in ``lockstep``
+        the batch's first pair with weight 0 (FSDP's collectives need every rank in every forward)."""
         mine = self.shard(indices, sizes)
-        return (mine, 1.0) if mine else (indices[:1], 0.0)
+        if mine or not self.lockstep:
+            return mine, 1.0
+        return indices[:1], 0.0
 
     def any_signal(self, received: signal.Signals | None) -> signal.Signals | None:
         """A stop signal received by any rank (SIGTERM where another rank got it): all stop together."""
@@ -91,17 +94,16 @@ class Ranks:
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over the ranks (float64, so counts stay exact)."""
-        if not self.enabled:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self._device)
-        dist.all_reduce(t)
-        return t.tolist()
+        return self._reduce(values, dist.ReduceOp.SUM)
 
     def max(self, values: list[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.MAX)
+
+    def _reduce(self, values: list[float], op) -> list[float]:
         if not self.enabled:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self._device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=op)
         return t.tolist()
 
     def sum_tensor_(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -70,14 +70,13 @@ Bounded work
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from preftune.errors import PreftuneError
+from preftune.text_ids import SPECIAL_TOKEN_MODES, Ctx, has_chat_template, make_ctx, protect, text_ids  # noqa: F401
 from preftune.types import Message, PreferencePair, TokenizedPair
-from preftune.util import special_token_strings
 
 __all__ = [
     "MAX_CHARS_PER_TOKEN",
@@ -99,21 +98,9 @@ _SENTINEL = "PreftuneReplySentinelQzx"
 # Joins message contents when a message-list prompt meets a tokenizer without a template.
 PLAIN_MESSAGE_SEPARATOR = "\n\n"
 
-# special_tokens_in_text: literal (plain text), error (stop), parse (control tokens).
-SPECIAL_TOKEN_MODES = ("literal", "error", "parse")
-
 # No token of any tokenizer spans this many characters: a text longer than this many characters per
 # token of max_length keeps under 0.1% of itself after truncation.
 MAX_CHARS_PER_TOKEN = 1024
-
-# In "literal" mode every special-token string inside data text is replaced by a placeholder before the
-# template is rendered, so that the text-level steps (rendering, finding the reply, its end-of-turn)
-# see only the template's own special tokens, and put back as plain text when the rendered text is
-# tokenized. U+FDD0 and U+FDD1 are Unicode noncharacters (reserved for a program's internal use); a
-# U+FDD0 already in the data is protected the same way, so no data text can pose as a placeholder.
-_PLACEHOLDER_START, _PLACEHOLDER_END = "\ufdd0", "\ufdd1"
-_PLACEHOLDER_RE = re.compile("\ufdd0(\\d+)\ufdd1")
-
 
 class DropReason(str, enum.Enum):
     """Why :func:`tokenize_pair_with_reason` dropped a pair."""
@@ -139,136 +126,6 @@ class TokenizeStats:
 # ---------------------------------------------------------------------------------------
 
 
-def has_chat_template(tokenizer: Any) -> bool:
-    """True when ``tokenizer`` has a chat template set."""
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-@dataclass
-class _Ctx:
-    tokenizer: Any
-    chat: bool
-    lead_ids: list[int]  # special tokens the tokenizer puts in front of text (BOS), plain path
-    eos_id: int | None
-    bos_id: int | None
-    specials: tuple[str, ...] = field(default_factory=tuple)  # special token strings, longest first
-    mode: str = "literal"  # special_tokens_in_text
-    eos_text: str | None = None
-    special_re: re.Pattern | None = None  # any special-token string, longest first
-    protect_re: re.Pattern | None = None  # the same, and the placeholder mark itself (literal mode)
-    protected: tuple[str, ...] = ()  # what placeholder i stands for
-    special_ids: dict[str, list[int]] = field(default_factory=dict)  # the template's own special tokens
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _ids(ctx: _Ctx, text: str, where: str | None = None) -> list[int]:
-    """Token ids of rendered text. Without placeholders (clean data, or parse/error mode): the
-    tokenizer's own ids of the whole text. With them: the text between the template's special tokens
-    is tokenized without parsing special tokens, the placeholders put back as the text they replaced."""
-    if ctx.mode != "literal" or _PLACEHOLDER_START not in text:
-        return _encode(ctx.tokenizer, text)
-    # Tokenizing piece by piece gives the tokenizer's own ids only if it tokenizes the text between
-    # special tokens independently (byte-level BPE: GPT-2, Llama 3, Qwen, SmolLM2 do; a SentencePiece
-    # tokenizer that adds a prefix space only at the start of the text does not): checked on this very
-    # text with each placeholder as a plain letter, the one thing that differs.
-    neutral = _PLACEHOLDER_RE.sub("x", text)
-    if _pieces(ctx, neutral, restore=False) != _encode(ctx.tokenizer, neutral):
-        raise PreftuneError(
-            "the text spells a special token, and this tokenizer cannot tokenize it as plain text exactly (it does "
-            "not tokenize the text between special tokens independently); set special_tokens_in_text: parse to "
-            "read such text as control tokens, or error to find the pairs",
-            where,
-        )
-    return _pieces(ctx, text, restore=True)
-
-
-def _pieces(ctx: _Ctx, text: str, restore: bool) -> list[int]:
-    assert ctx.special_re is not None
-    out: list[int] = []
-    pos = 0
-    for m in ctx.special_re.finditer(text):
-        out += _literal_ids(ctx, text[pos : m.start()], restore)
-        special = m.group()
-        if special not in ctx.special_ids:  # the tokenizer's own reading of the template's special token
-            ctx.special_ids[special] = _encode(ctx.tokenizer, special)
-        out += ctx.special_ids[special]
-        pos = m.end()
-    return out + _literal_ids(ctx, text[pos:], restore)
-
-
-def _literal_ids(ctx: _Ctx, piece: str, restore: bool) -> list[int]:
-    if not piece:
-        return []
-    if restore:
-        piece = _PLACEHOLDER_RE.sub(lambda m: ctx.protected[int(m.group(1))], piece)
-    return list(ctx.tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-
-
-def _leading_special_ids(tokenizer: Any) -> list[int]:
-    """The ids the tokenizer adds in FRONT of text with its normal special tokens (BOS).
-
-    Trailing additions (a tokenizer configured to also add EOS) are ignored: a prompt
-    must not end with EOS.
-    """
-    probe = "a"
-    with_special = list(tokenizer(probe)["input_ids"])
-    plain = _encode(tokenizer, probe)
-    if not plain:
-        return []
-    for off in range(len(with_special) - len(plain) + 1):
-        if with_special[off : off + len(plain)] == plain:
-            return with_special[:off]
-    return []
-
-
-def _check_mode(mode: Any) -> str:
-    if mode not in SPECIAL_TOKEN_MODES:
-        raise PreftuneError(f"special_tokens_in_text must be one of {', '.join(SPECIAL_TOKEN_MODES)}, got {mode!r}")
-    return mode
-
-
-def _make_ctx(tokenizer: Any, mode: str = "literal") -> _Ctx:
-    chat = has_chat_template(tokenizer)
-    specials = special_token_strings(tokenizer)
-    ctx = _Ctx(
-        tokenizer=tokenizer,
-        chat=chat,
-        lead_ids=[] if chat else _leading_special_ids(tokenizer),
-        eos_id=getattr(tokenizer, "eos_token_id", None),
-        bos_id=getattr(tokenizer, "bos_token_id", None),
-        specials=specials,
-        mode=_check_mode(mode),
-        eos_text=getattr(tokenizer, "eos_token", None) or None,
-    )
-    if specials:
-        ctx.special_re = re.compile("|".join(map(re.escape, specials)))  # longest first: the longest match wins
-        ctx.protected = specials + (_PLACEHOLDER_START,)
-        ctx.protect_re = re.compile("|".join(map(re.escape, ctx.protected)))
-    return ctx
-
-
-def _protect(ctx: _Ctx, text: str) -> tuple[str, bool]:
-    """(text for rendering, whether it spells a special token). Literal mode replaces each special
-    token string with its placeholder; the other modes leave the text as it is."""
-    if ctx.special_re is None:
-        return text, False
-    if ctx.mode != "literal":
-        return text, ctx.special_re.search(text) is not None
-    assert ctx.protect_re is not None
-    index = {s: i for i, s in enumerate(ctx.protected)}
-    found = False
-
-    def placeholder(m: re.Match) -> str:
-        nonlocal found
-        found = found or m.group() != _PLACEHOLDER_START
-        return f"{_PLACEHOLDER_START}{index[m.group()]}{_PLACEHOLDER_END}"
-
-    return ctx.protect_re.sub(placeholder, text), found
-
-
 @dataclass
 class _Texts:
     """A pair's texts as they go into the template (placeholders in literal mode)."""
@@ -280,7 +137,7 @@ class _Texts:
     spells_special: bool  # some text spells a special token
 
 
-def _pair_texts(ctx: _Ctx, pair: PreferencePair, system_prompt: str | None, where: str | None) -> _Texts:
+def _pair_texts(ctx: Ctx, pair: PreferencePair, system_prompt: str | None, where: str | None) -> _Texts:
     found = False
 
     def one(text: Any, label: str, reply: bool = False) -> Any:
@@ -291,7 +148,7 @@ def _pair_texts(ctx: _Ctx, pair: PreferencePair, system_prompt: str | None, wher
         if reply and not ctx.chat and eos and text.endswith(eos):
             # plain models, as TRL: a reply that already ends with the EOS text ends with EOS (no second one)
             return one(text[: -len(eos)], label) + eos
-        new, hit = _protect(ctx, text)
+        new, hit = protect(ctx, text)
         if hit:
             found = True
             if ctx.mode == "error":
@@ -343,7 +200,7 @@ def _check_text_lengths(pair: PreferencePair, system_prompt: str | None, max_len
             )
 
 
-def _require_eos(ctx: _Ctx, where: str | None) -> int:
+def _require_eos(ctx: Ctx, where: str | None) -> int:
     if ctx.eos_id is None:
         raise PreftuneError(
             "the tokenizer has no EOS token, so completions cannot be ended; "
@@ -370,7 +227,7 @@ def _prompt_messages(prompt: str | list[Message], system_prompt: str | None, whe
     return messages
 
 
-def _apply_template(ctx: _Ctx, messages: list[Message], *, generation: bool, where: str | None) -> str:
+def _apply_template(ctx: Ctx, messages: list[Message], *, generation: bool, where: str | None) -> str:
     try:
         text = ctx.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
     except PreftuneError:
@@ -383,18 +240,18 @@ def _apply_template(ctx: _Ctx, messages: list[Message], *, generation: bool, whe
 
 
 def _render_prompt(
-    ctx: _Ctx, prompt: str | list[Message], system_prompt: str | None, where: str | None
+    ctx: Ctx, prompt: str | list[Message], system_prompt: str | None, where: str | None
 ) -> tuple[list[Message], str, list[int]]:
     """(messages, prompt text, prompt ids) for generation."""
     messages = _prompt_messages(prompt, system_prompt, where)
     if ctx.chat:
         text = _apply_template(ctx, messages, generation=True, where=where)
-        return messages, text, _ids(ctx, text, where)
+        return messages, text, text_ids(ctx, text, where)
     if isinstance(prompt, str) and system_prompt is None:
         text = prompt  # the common case, spelled out: no joining involved
     else:
         text = PLAIN_MESSAGE_SEPARATOR.join(str(m.get("content", "")) for m in messages)
-    return messages, text, ctx.lead_ids + _ids(ctx, text, where)
+    return messages, text, ctx.lead_ids + text_ids(ctx, text, where)
 
 
 def render_prompt(
@@ -407,7 +264,7 @@ def render_prompt(
     """Prompt token ids as used for generation: the same ``prompt_ids`` that
     :func:`tokenize_pair` produces before truncation (chat template with
     ``add_generation_prompt=True``, or plain text with the tokenizer's BOS)."""
-    ctx = _make_ctx(tokenizer, special_tokens_in_text)
+    ctx = make_ctx(tokenizer, special_tokens_in_text)
     texts = _pair_texts(ctx, PreferencePair(prompt, "", ""), system_prompt, None)
     return _render_prompt(ctx, texts.prompt, texts.system_prompt, None)[2]
 
@@ -426,7 +283,7 @@ def _common_prefix_len(a: Sequence[Any], b: Sequence[Any]) -> int:
     return n
 
 
-def _first_special(ctx: _Ctx, text: str) -> tuple[int, str] | None:
+def _first_special(ctx: Ctx, text: str) -> tuple[int, str] | None:
     """Earliest special-token string in ``text`` (longest wins at the same position)."""
     best: tuple[int, str] | None = None
     for s in ctx.specials:
@@ -436,7 +293,7 @@ def _first_special(ctx: _Ctx, text: str) -> tuple[int, str] | None:
     return best
 
 
-def _last_special_before_whitespace(ctx: _Ctx, text: str) -> int | None:
+def _last_special_before_whitespace(ctx: Ctx, text: str) -> int | None:
     """End offset of the last special token in ``text`` followed only by whitespace."""
     best: int | None = None
     for s in ctx.specials:
@@ -456,7 +313,7 @@ class _TurnShape:
     after: str | None  # text the template writes after the reply content
 
 
-def _turn_shape(ctx: _Ctx, messages: list[Message], where: str | None) -> _TurnShape:
+def _turn_shape(ctx: Ctx, messages: list[Message], where: str | None) -> _TurnShape:
     text = _apply_template(ctx, messages + [{"role": "assistant", "content": _SENTINEL}], generation=False, where=where)
     i = text.find(_SENTINEL)
     if i == -1 or text.find(_SENTINEL, i + 1) != -1:
@@ -465,7 +322,7 @@ def _turn_shape(ctx: _Ctx, messages: list[Message], where: str | None) -> _TurnS
 
 
 def _chat_completion_text(
-    ctx: _Ctx, messages: list[Message], prompt_text: str, reply: str, shape: _TurnShape, where: str | None
+    ctx: Ctx, messages: list[Message], prompt_text: str, reply: str, shape: _TurnShape, where: str | None
 ) -> tuple[str, bool]:
     """(completion text, whether EOS must be appended) for one reply, chat path."""
     full = _apply_template(ctx, messages + [{"role": "assistant", "content": reply}], generation=False, where=where)
@@ -497,22 +354,22 @@ def _chat_completion_text(
 
 
 def _split_completion(
-    ctx: _Ctx, prompt_text: str, prompt_ids: list[int], comp_text: str, where: str | None = None
+    ctx: Ctx, prompt_text: str, prompt_ids: list[int], comp_text: str, where: str | None = None
 ) -> list[int]:
     """Completion ids such that ``prompt_ids + result`` is the training sequence.
 
     Tokenizes the full text once and splits after the prompt when the prompt ids are a
     prefix; otherwise (merge across the boundary) tokenizes the completion on its own.
     """
-    full_ids = ctx.lead_ids + _ids(ctx, prompt_text + comp_text, where)
+    full_ids = ctx.lead_ids + text_ids(ctx, prompt_text + comp_text, where)
     n = len(prompt_ids)
     if full_ids[:n] == prompt_ids:
         return full_ids[n:]
-    return _ids(ctx, comp_text, where)
+    return text_ids(ctx, comp_text, where)
 
 
 def _completion_ids(
-    ctx: _Ctx,
+    ctx: Ctx,
     messages: list[Message],
     prompt_text: str,
     prompt_ids: list[int],
@@ -550,7 +407,7 @@ def _check_limits(max_length: int | None, max_prompt_length: int | None) -> None
         )
 
 
-def _cut_prompt(ctx: _Ctx, prompt_ids: list[int], max_prompt_length: int | None) -> list[int]:
+def _cut_prompt(ctx: Ctx, prompt_ids: list[int], max_prompt_length: int | None) -> list[int]:
     if max_prompt_length is None or len(prompt_ids) <= max_prompt_length:
         return prompt_ids
     if ctx.bos_id is not None and prompt_ids and prompt_ids[0] == ctx.bos_id:
@@ -560,7 +417,7 @@ def _cut_prompt(ctx: _Ctx, prompt_ids: list[int], max_prompt_length: int | None)
 
 
 def _tokenize_pair(
-    ctx: _Ctx,
+    ctx: Ctx,
     pair: PreferencePair,
     system_prompt: str | None,
     max_length: int | None,
@@ -575,7 +432,7 @@ def _tokenize_pair(
 
 
 def _tokenize_texts(
-    ctx: _Ctx,
+    ctx: Ctx,
     pair: PreferencePair,
     texts: _Texts,
     max_length: int | None,
@@ -625,7 +482,7 @@ def tokenize_pair_with_reason(
 ) -> tuple[TokenizedPair | None, DropReason | None]:
     """Like :func:`tokenize_pair`, also saying why a pair was dropped (``None`` when kept)."""
     _check_limits(max_length, max_prompt_length)
-    ctx = _make_ctx(tokenizer, special_tokens_in_text)
+    ctx = make_ctx(tokenizer, special_tokens_in_text)
     return _tokenize_pair(ctx, pair, system_prompt, max_length, max_prompt_length)[:2]
 
 
@@ -656,7 +513,7 @@ def tokenize_pairs(
 ) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize many pairs; returns the kept ones (in order) and counts of what happened."""
     _check_limits(max_length, max_prompt_length)
-    ctx = _make_ctx(tokenizer, special_tokens_in_text)
+    ctx = make_ctx(tokenizer, special_tokens_in_text)
     stats = TokenizeStats()
     out: list[TokenizedPair] = []
     for pair in pairs:

@@ -11,6 +11,7 @@ Under torchrun every rank runs this same loop (see distributed.py); rank 0 alone
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -95,6 +96,7 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack, *, allow_code: bool = Fal
     ranks.broadcast_parameters(model)  # every rank starts from rank 0's weights
     precompute = precomputes_reference(cfg, need_ref)
     sharded = shard_if_fsdp(cfg, model, ranks, precompute)  # FSDP2: each rank keeps a shard of the policy
+    ranks = dataclasses.replace(ranks, lockstep=sharded)
     world_average = ranks.world_size if sharded else 1
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, t)
@@ -147,8 +149,10 @@ def run_training(cfg: TrainConfig, cleanup: ExitStack, *, allow_code: bool = Fal
             chosen_tokens_mean /= step_pairs
             step_loss = 0.0
             for global_indices in micro_batches:
-                # this rank's pairs (weight 0: an empty share runs a placeholder pair)
+                # this rank's pairs (none, or under FSDP a placeholder pair of weight 0, if its share is empty)
                 indices, counted = ranks.share(global_indices, [pair_tokens[i] for i in global_indices])
+                if not indices:
+                    continue
                 pairs = [prepared.train[i] for i in indices]
                 ref = train_ref(indices, pairs)
                 with autocast():

@@ -154,8 +154,10 @@ def evaluate(model, forward, ref_for, pairs, cfg, autocast, ranks: Ranks = Ranks
     total_loss = 0.0
     batches = [list(range(i, min(i + bs, len(pairs)))) for i in range(0, len(pairs), bs)]
     for first in range(0, len(batches), ranks.world_size):
-        # round robin; a rank past the end scores batch 0 and drops it (FSDP: every rank in every forward)
+        # round robin; past the end, under FSDP (lockstep) a rank scores batch 0 and drops it
         mine = first + ranks.rank < len(batches)
+        if not mine and not ranks.lockstep:
+            break
         indices = batches[first + ranks.rank] if mine else batches[0]
         chunk = [pairs[i] for i in indices]
         with autocast():

@@ -34,8 +34,6 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     unless ``overwrite_output_dir`` or ``resume_from_checkpoint`` says what to do with it. A run whose
     end was interrupted (an end-of-run checkpoint, no summary.json) is not finished: it resumes."""
     t = cfg.training
-    if not str(t.output_dir).strip():
-        raise PreftuneError("output_dir is empty; name a directory for the run's outputs")
     out = Path(t.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise PreftuneError(f"output_dir '{out}' exists and is not a directory")
